@@ -1,0 +1,19 @@
+//! The zz agreement cluster: 3f+1 replicas that order client requests with PBFT.
+//!
+//! - [`replica`]: the sans-IO PBFT state machine (normal case with batching and
+//!   a watermark window, checkpoints and log truncation, view change, catch-up,
+//!   request de-duplication). No I/O, no clock: inputs in, [`replica::Ready`] out.
+//! - [`viewchange`]: pure validation of certificates and the new-view computation.
+//! - [`persist`]: what must survive a restart, and its sled store.
+//! - [`app`]: deterministic in-memory apps executed in sequence order, until
+//!   execution moves to separate execution replicas.
+//! - [`driver`]: the tokio driver that owns sockets, disk and timers; the
+//!   `zz-agreement` daemon is a thin wrapper around it.
+
+pub mod app;
+pub mod driver;
+pub mod persist;
+pub mod replica;
+pub mod viewchange;
+
+pub use replica::{Ready, Rejected, Replica, ReplicaOptions, Target};

@@ -1,0 +1,340 @@
+//! The cluster configuration (TOML) and key files.
+//!
+//! One file describes a deployment: f, the agreement replicas (id, address,
+//! public key, and the key file each daemon reads), the clients' public keys,
+//! the apps, and protocol tuning. Paths are relative to the config file.
+//! Validation names the offending field, so a bad config never half-starts.
+
+use crate::crypto::{parse_public_key, KeyPair, MacKey};
+use crate::ids::{AppId, ClientId, ReplicaId};
+use ed25519_dalek::VerifyingKey;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("{path}: invalid TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config field `{field}`: {message}")]
+    Invalid { field: String, message: String },
+    #[error("key file {path}: {message}")]
+    Key { path: PathBuf, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), message: message.into() }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ReplicaEntry {
+    pub id: ReplicaId,
+    pub addr: SocketAddr,
+    pub public_key: String,
+    /// Private key file, read only by this replica's daemon.
+    pub key_file: PathBuf,
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ClientEntry {
+    pub id: ClientId,
+    pub public_key: String,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+/// Kinds of built-in application.
+pub const KNOWN_APP_KINDS: &[&str] = &["null", "echo", "counter"];
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AppEntry {
+    pub id: AppId,
+    pub name: String,
+    pub kind: String,
+}
+
+/// Protocol tuning; every field has a sensible default.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct AgreementTuning {
+    /// Most requests in one batch.
+    pub batch_max_requests: usize,
+    /// Most bytes of operations in one batch.
+    pub batch_max_bytes: usize,
+    /// How long the primary waits to fill a batch while earlier ones are in flight.
+    pub batch_delay_us: u64,
+    /// In-flight sequence numbers (high watermark minus low watermark).
+    pub window: u64,
+    /// Sequence numbers between checkpoints (K).
+    pub checkpoint_interval: u64,
+    /// Time a backup waits for a request it holds to commit before changing view.
+    pub view_change_timeout_ms: u64,
+    /// How often a replica reports its progress to peers, to catch up.
+    pub status_interval_ms: u64,
+}
+
+impl Default for AgreementTuning {
+    fn default() -> Self {
+        AgreementTuning {
+            batch_max_requests: 1024,
+            batch_max_bytes: 1 << 20,
+            batch_delay_us: 0,
+            window: 256,
+            checkpoint_interval: 128,
+            view_change_timeout_ms: 2000,
+            status_interval_ms: 200,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ClusterConfig {
+    pub f: usize,
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub log_level: Option<String>,
+    #[serde(default)]
+    pub agreement: AgreementTuning,
+    pub replicas: Vec<ReplicaEntry>,
+    #[serde(default)]
+    pub clients: Vec<ClientEntry>,
+    #[serde(default)]
+    pub apps: Vec<AppEntry>,
+    /// Where relative paths are resolved; set when loading, not stored.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+
+impl ClusterConfig {
+    pub fn n(&self) -> usize {
+        self.replicas.len()
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let mut cfg: ClusterConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        let text = toml::to_string_pretty(self).map_err(|e| invalid("<config>", e.to_string()))?;
+        std::fs::write(path, text)
+            .map_err(|source| ConfigError::Write { path: path.to_path_buf(), source })
+    }
+
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    /// Checks everything that can be checked without touching the network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.f == 0 {
+            return Err(invalid("f", "must be at least 1"));
+        }
+        if self.replicas.len() < 3 * self.f + 1 {
+            return Err(invalid(
+                "f",
+                format!(
+                    "f = {} needs at least {} agreement replicas (3f+1), but {} are listed",
+                    self.f,
+                    3 * self.f + 1,
+                    self.replicas.len()
+                ),
+            ));
+        }
+        let mut addrs = HashSet::new();
+        for (i, r) in self.replicas.iter().enumerate() {
+            let field = format!("replicas[{i}]");
+            if r.id as usize != i {
+                return Err(invalid(format!("{field}.id"), format!("must be {i}: ids are 0..n in order")));
+            }
+            if !addrs.insert(r.addr) {
+                return Err(invalid(format!("{field}.addr"), format!("address {} is used twice", r.addr)));
+            }
+            if let Some(m) = r.metrics_addr {
+                if !addrs.insert(m) {
+                    return Err(invalid(format!("{field}.metrics_addr"), format!("address {m} is used twice")));
+                }
+            }
+            parse_public_key(&r.public_key)
+                .map_err(|e| invalid(format!("{field}.public_key"), e.to_string()))?;
+        }
+        let mut ids = HashSet::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            if !ids.insert(c.id) {
+                return Err(invalid(format!("clients[{i}].id"), format!("client id {} is used twice", c.id)));
+            }
+            parse_public_key(&c.public_key)
+                .map_err(|e| invalid(format!("clients[{i}].public_key"), e.to_string()))?;
+        }
+        let mut app_ids = HashSet::new();
+        for (i, a) in self.apps.iter().enumerate() {
+            if !KNOWN_APP_KINDS.contains(&a.kind.as_str()) {
+                return Err(invalid(
+                    format!("apps[{i}].kind"),
+                    format!("unknown app kind `{}`; known kinds: {}", a.kind, KNOWN_APP_KINDS.join(", ")),
+                ));
+            }
+            if !app_ids.insert(a.id) {
+                return Err(invalid(format!("apps[{i}].id"), format!("app id {} is used twice", a.id)));
+            }
+        }
+        let t = &self.agreement;
+        if t.window == 0 || t.checkpoint_interval == 0 || t.window < t.checkpoint_interval {
+            return Err(invalid(
+                "agreement.window",
+                "window and checkpoint_interval must be positive, with window >= checkpoint_interval",
+            ));
+        }
+        if t.batch_max_requests == 0 {
+            return Err(invalid("agreement.batch_max_requests", "must be positive"));
+        }
+        Ok(())
+    }
+
+    pub fn replica_public_keys(&self) -> Vec<VerifyingKey> {
+        self.replicas
+            .iter()
+            .map(|r| parse_public_key(&r.public_key).expect("validated"))
+            .collect()
+    }
+
+    pub fn client_public_keys(&self) -> HashMap<ClientId, VerifyingKey> {
+        self.clients
+            .iter()
+            .map(|c| (c.id, parse_public_key(&c.public_key).expect("validated")))
+            .collect()
+    }
+}
+
+/// Writes a private key as hex, readable only by its owner.
+pub fn write_key_file(path: &Path, key: &KeyPair) -> Result<(), ConfigError> {
+    use std::io::Write;
+    let err = |source| ConfigError::Write { path: path.to_path_buf(), source };
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(err)?;
+    f.write_all(hex::encode(key.seed()).as_bytes()).map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    }
+    Ok(())
+}
+
+pub fn read_key_file(path: &Path) -> Result<KeyPair, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Key {
+        path: path.to_path_buf(),
+        message: format!("cannot read: {e} (run `zzctl init` to create keys)"),
+    })?;
+    let bytes = hex::decode(text.trim()).map_err(|e| ConfigError::Key {
+        path: path.to_path_buf(),
+        message: format!("not hex: {e}"),
+    })?;
+    let seed: [u8; 32] = bytes.try_into().map_err(|_| ConfigError::Key {
+        path: path.to_path_buf(),
+        message: "must hold 32 bytes".into(),
+    })?;
+    Ok(KeyPair::from_seed(seed))
+}
+
+/// The keys an agreement replica needs: its own pair, every replica's public
+/// key, and the MAC keys it shares with each replica and client.
+#[derive(Clone, Debug)]
+pub struct ReplicaKeys {
+    pub me: ReplicaId,
+    pub key: KeyPair,
+    pub replica_public: Vec<VerifyingKey>,
+    /// `peer_mac[i]`: shared with replica `i`.
+    pub peer_mac: Vec<MacKey>,
+    pub client_mac: HashMap<ClientId, MacKey>,
+}
+
+impl ReplicaKeys {
+    pub fn derive(
+        me: ReplicaId,
+        key: KeyPair,
+        replica_public: Vec<VerifyingKey>,
+        client_public: &HashMap<ClientId, VerifyingKey>,
+    ) -> Self {
+        let peer_mac = replica_public.iter().map(|p| key.shared_mac_key(p)).collect();
+        let client_mac = client_public.iter().map(|(c, p)| (*c, key.shared_mac_key(p))).collect();
+        ReplicaKeys { me, key, replica_public, peer_mac, client_mac }
+    }
+
+    /// Loads replica `me`'s keys as named by the config, checking that its
+    /// private key matches the public key listed for it.
+    pub fn load(cfg: &ClusterConfig, me: ReplicaId) -> Result<Self, ConfigError> {
+        let entry = cfg
+            .replicas
+            .get(me as usize)
+            .ok_or_else(|| invalid("replicas", format!("no replica with id {me}")))?;
+        let path = cfg.resolve(&entry.key_file);
+        let key = read_key_file(&path)?;
+        let publics = cfg.replica_public_keys();
+        if key.public() != publics[me as usize] {
+            return Err(ConfigError::Key {
+                path,
+                message: format!("does not match replicas[{me}].public_key"),
+            });
+        }
+        Ok(Self::derive(me, key, publics, &cfg.client_public_keys()))
+    }
+}
+
+/// The keys a client needs: the MAC key it shares with each replica.
+#[derive(Clone, Debug)]
+pub struct ClientKeys {
+    pub me: ClientId,
+    pub replica_mac: Vec<MacKey>,
+}
+
+impl ClientKeys {
+    pub fn derive(me: ClientId, key: &KeyPair, replica_public: &[VerifyingKey]) -> Self {
+        ClientKeys { me, replica_mac: replica_public.iter().map(|p| key.shared_mac_key(p)).collect() }
+    }
+
+    pub fn load(cfg: &ClusterConfig, me: ClientId) -> Result<Self, ConfigError> {
+        let (i, entry) = cfg
+            .clients
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.id == me)
+            .ok_or_else(|| invalid("clients", format!("no client with id {me}")))?;
+        let path = entry
+            .key_file
+            .as_ref()
+            .map(|p| cfg.resolve(p))
+            .ok_or_else(|| invalid(format!("clients[{i}].key_file"), "missing"))?;
+        let key = read_key_file(&path)?;
+        Ok(Self::derive(me, &key, &cfg.replica_public_keys()))
+    }
+}
