@@ -372,7 +372,7 @@ impl Replica {
         let t = &self.opts.tuning;
         let (max_reqs, max_bytes) = (t.batch_max_requests, t.batch_max_bytes);
         while !self.unproposed.is_empty() && self.next_seq <= self.high_watermark() {
-            let inflight = self.next_seq - 1 - self.last_executed;
+            let inflight = (self.next_seq - 1).saturating_sub(self.last_executed);
             if inflight >= self.opts.max_inflight_batches && self.unproposed.len() < max_reqs {
                 break;
             }
@@ -414,6 +414,7 @@ impl Replica {
             let st = Status {
                 replica: self.id,
                 view: self.view,
+                view_active: self.view_active,
                 last_executed: self.last_executed,
                 stable: self.stable.seq,
             };
@@ -421,7 +422,9 @@ impl Replica {
         }
         if self.view_active {
             if let Some(d) = self.progress_deadline {
-                if now_ms >= d && !self.is_primary() {
+                // The primary times out too: a stuck primary (say, one that
+                // cannot gather a commit quorum) also needs a new view.
+                if now_ms >= d {
                     tracing::info!(replica = self.id, view = self.view, "request timed out; changing view");
                     self.start_view_change(self.view + 1);
                 }
@@ -734,12 +737,14 @@ impl Replica {
             return Err(Rejected::WrongSender { from, claimed: st.replica });
         }
         let to = Target::Replica(from);
-        if st.view < self.view && self.view_active {
+        let peer_behind = st.view < self.view || (st.view == self.view && !st.view_active);
+        if peer_behind && self.view_active {
+            // The peer missed the new view we are in.
             if let Some(nv) = self.last_new_view.clone() {
                 self.send(to, PeerMessage::NewView(nv));
             }
         }
-        if !self.view_active && st.view == self.view {
+        if !self.view_active && st.view <= self.view {
             // Help a peer that missed our view change.
             if let Some(vc) = self.view_changes.get(&self.view).and_then(|m| m.get(&self.id)).cloned() {
                 self.send(to, PeerMessage::ViewChange(vc));
@@ -758,16 +763,18 @@ impl Replica {
         if st.last_executed < self.last_executed {
             let start = st.last_executed.max(self.stable.seq) + 1;
             let end = self.last_executed.min(start + 63);
-            for (seq, (_, batch)) in self.executed.range(start..=end) {
-                let entry = CommittedEntry { seq: *seq, batch: batch.clone() };
-                self.ready.messages.push((to, PeerMessage::Committed(entry)));
+            if start <= end {
+                for (seq, (_, batch)) in self.executed.range(start..=end) {
+                    let entry = CommittedEntry { seq: *seq, batch: batch.clone() };
+                    self.ready.messages.push((to, PeerMessage::Committed(entry)));
+                }
             }
         }
         if st.view == self.view && self.view_active {
             // Retransmit our part of slots that have been stuck for a while.
             let stale = self.now_ms.saturating_sub(self.opts.tuning.status_interval_ms);
             let mut out = Vec::new();
-            for (seq, slot) in self.slots.range(st.last_executed + 1..) {
+            for (seq, slot) in self.slots.range(st.last_executed.saturating_add(1)..) {
                 if slot.created_ms > stale {
                     continue;
                 }
@@ -854,15 +861,14 @@ impl Replica {
         if new_view < self.view || (new_view == self.view && self.view_active) {
             return;
         }
-        if new_view > self.view {
-            self.vc_attempts = 0;
-        }
         self.metrics.view_changes += 1;
         self.view = new_view;
         self.view_active = false;
         self.vc_attempts += 1;
-        let backoff = 1u64 << self.vc_attempts.min(6);
-        self.vc_deadline = Some(self.now_ms + self.timeout_ms() * backoff);
+        // The timer starts only once 2f+1 replicas want this view (PBFT's
+        // rule): a replica alone must not race ahead through views that no
+        // quorum will ever join.
+        self.vc_deadline = None;
         self.progress_deadline = None;
         self.persist(PersistOp::View { view: new_view, active: false });
         let prepared: Vec<PreparedCert> = self
@@ -877,7 +883,18 @@ impl Replica {
         self.slots.clear();
         self.view_changes.entry(new_view).or_default().insert(self.id, vc.clone());
         self.send(Target::All, PeerMessage::ViewChange(vc));
+        self.arm_view_change_timer();
         self.try_new_view();
+    }
+
+    fn arm_view_change_timer(&mut self) {
+        if self.view_active || self.vc_deadline.is_some() {
+            return;
+        }
+        if self.view_changes.get(&self.view).map_or(0, |m| m.len()) >= self.quorum() {
+            let backoff = 1u64 << self.vc_attempts.min(6);
+            self.vc_deadline = Some(self.now_ms + self.timeout_ms() * backoff);
+        }
     }
 
     fn on_view_change(&mut self, from: ReplicaId, vc: Signed<ViewChange>) -> Result<(), Rejected> {
@@ -918,6 +935,7 @@ impl Replica {
             let target = by_view[self.f];
             self.start_view_change(target.max(self.view + 1));
         }
+        self.arm_view_change_timer();
         self.try_new_view();
         Ok(())
     }

@@ -246,6 +246,8 @@ impl Signable for NewView {
 pub struct Status {
     pub replica: ReplicaId,
     pub view: View,
+    /// False while the sender is changing to `view`.
+    pub view_active: bool,
     pub last_executed: Seq,
     pub stable: Seq,
 }
@@ -347,7 +349,7 @@ mod tests {
         let b = KeyPair::from_seed([2; 32]);
         let c = KeyPair::from_seed([3; 32]);
         let k_ab = a.shared_mac_key(&b.public());
-        let msg = PeerMessage::Status(Status { replica: 0, view: 1, last_executed: 2, stable: 0 });
+        let msg = PeerMessage::Status(Status { replica: 0, view: 1, view_active: true, last_executed: 2, stable: 0 });
         let env = PeerEnvelope::seal(0, 1, &msg, &k_ab);
         assert_eq!(env.open(&k_ab).unwrap(), msg);
         let forged = PeerEnvelope::seal(0, 1, &msg, &c.shared_mac_key(&b.public()));
