@@ -164,8 +164,11 @@ pub struct Replica {
     own_checkpoints: BTreeMap<Seq, (Digest, Vec<u8>)>,
     checkpoint_votes: BTreeMap<Seq, BTreeMap<ReplicaId, Signed<Checkpoint>>>,
 
-    pending: HashMap<(ClientId, u64), ClientRequest>,
-    unproposed: VecDeque<(ClientId, u64)>,
+    /// At most one request per client (clients issue one at a time), so a
+    /// faulty client cannot grow this without bound.
+    pending: HashMap<ClientId, ClientRequest>,
+    /// Requests the primary has not yet put in a batch, with arrival time.
+    unproposed: VecDeque<((ClientId, u64), u64)>,
     progress_deadline: Option<u64>,
 
     view_changes: BTreeMap<View, BTreeMap<ReplicaId, Signed<ViewChange>>>,
@@ -352,13 +355,15 @@ impl Replica {
                 return Ok(());
             }
         }
-        let k = (r.client, r.req_id);
-        if self.pending.contains_key(&k) {
-            return Ok(());
+        if let Some(p) = self.pending.get(&r.client) {
+            if p.request.req_id >= r.req_id {
+                return Ok(()); // a duplicate, or older than what the client waits for
+            }
         }
+        let k = (r.client, r.req_id);
         self.metrics.requests_accepted += 1;
-        self.pending.insert(k, req);
-        self.unproposed.push_back(k);
+        self.pending.insert(r.client, req);
+        self.unproposed.push_back((k, self.now_ms));
         if self.progress_deadline.is_none() {
             self.progress_deadline = Some(self.now_ms + self.timeout_ms());
         }
@@ -371,15 +376,25 @@ impl Replica {
         }
         let t = &self.opts.tuning;
         let (max_reqs, max_bytes) = (t.batch_max_requests, t.batch_max_bytes);
-        while !self.unproposed.is_empty() && self.next_seq <= self.high_watermark() {
+        let delay = t.batch_delay_ms;
+        while let Some((_, oldest)) = self.unproposed.front().copied() {
+            if self.next_seq > self.high_watermark() {
+                break;
+            }
+            // Cut a batch when it is full, when the pipeline has room, or when
+            // its oldest request has waited long enough.
             let inflight = (self.next_seq - 1).saturating_sub(self.last_executed);
-            if inflight >= self.opts.max_inflight_batches && self.unproposed.len() < max_reqs {
+            let full = self.unproposed.len() >= max_reqs;
+            let waited = self.now_ms >= oldest + delay;
+            if inflight >= self.opts.max_inflight_batches && !full && !waited {
                 break;
             }
             let mut batch = Batch::default();
             let mut bytes = 0;
-            while let Some(k) = self.unproposed.pop_front() {
-                let Some(req) = self.pending.get(&k) else { continue };
+            while let Some(((c, id), _)) = self.unproposed.pop_front() {
+                let Some(req) = self.pending.get(&c).filter(|p| p.request.req_id == id) else {
+                    continue;
+                };
                 bytes += req.request.op.len();
                 batch.requests.push(req.clone());
                 if batch.requests.len() >= max_reqs || bytes >= max_bytes {
@@ -474,7 +489,7 @@ impl Replica {
     fn verify_batch_requests(&self, batch: &Batch) -> Result<(), Rejected> {
         for req in &batch.requests {
             let c = req.request.client;
-            if self.pending.get(&(c, req.request.req_id)) == Some(req) {
+            if self.pending.get(&c) == Some(req) {
                 continue; // verified when it arrived from the client
             }
             let key = self.keys.client_mac.get(&c).ok_or(Rejected::BadRequestAuth(c))?;
@@ -621,7 +636,9 @@ impl Replica {
         let digest = batch.digest();
         for req in &batch.requests {
             let r = &req.request;
-            self.pending.remove(&(r.client, r.req_id));
+            if self.pending.get(&r.client).is_some_and(|p| p.request.req_id <= r.req_id) {
+                self.pending.remove(&r.client);
+            }
             let Some(result) = self.service.execute(r.client, r.req_id, r.app, &r.op) else {
                 continue;
             };
@@ -850,7 +867,7 @@ impl Replica {
         self.install_stable(st.cert, st.snapshot);
         // Requests executed in the transferred state are no longer pending.
         let replies = &self.service.replies;
-        self.pending.retain(|(c, id), _| replies.get(c).is_none_or(|l| l.req_id < *id));
+        self.pending.retain(|c, p| replies.get(c).is_none_or(|l| l.req_id < p.request.req_id));
         self.try_execute();
         Ok(())
     }
@@ -1042,9 +1059,16 @@ impl Replica {
             self.accept_pre_prepare(pp, batch);
         }
         self.next_seq = max_s + 1;
-        self.unproposed = self.pending.keys().filter(|k| !in_log.contains(k)).copied().collect();
-        // Oldest first, so no client starves after a view change.
-        self.unproposed.make_contiguous().sort();
+        let now = self.now_ms;
+        let mut keys: Vec<(ClientId, u64)> = self
+            .pending
+            .values()
+            .map(|p| (p.request.client, p.request.req_id))
+            .filter(|k| !in_log.contains(k))
+            .collect();
+        // A fixed order keeps replicas deterministic.
+        keys.sort_unstable();
+        self.unproposed = keys.into_iter().map(|k| (k, now)).collect();
         self.progress_deadline =
             if self.pending.is_empty() { None } else { Some(self.now_ms + self.timeout_ms()) };
         self.last_new_view = Some(nv);
@@ -1107,6 +1131,7 @@ mod tests {
     #[test]
     fn normal_case_commits_and_replies() {
         let (mut rs, ck) = cluster(4, 1);
+        let mut replies = Vec::new();
         for id in 1..=3 {
             let req = ClientRequest::new(
                 Request { client: 1, req_id: id, app: 0, op: vec![], read_only: false },
@@ -1115,8 +1140,8 @@ mod tests {
             for r in rs.iter_mut() {
                 r.on_request(req.clone()).unwrap();
             }
+            replies.extend(run(&mut rs));
         }
-        let replies = run(&mut rs);
         assert!(rs.iter().all(|r| r.last_executed() >= 1));
         let d = rs[0].state_digest();
         assert!(rs.iter().all(|r| r.state_digest() == d));

@@ -68,8 +68,9 @@ pub struct AgreementTuning {
     pub batch_max_requests: usize,
     /// Most bytes of operations in one batch.
     pub batch_max_bytes: usize,
-    /// How long the primary waits to fill a batch while earlier ones are in flight.
-    pub batch_delay_us: u64,
+    /// Longest a request waits for its batch to fill while earlier batches are
+    /// in flight; after that the batch is sent anyway.
+    pub batch_delay_ms: u64,
     /// In-flight sequence numbers (high watermark minus low watermark).
     pub window: u64,
     /// Sequence numbers between checkpoints (K).
@@ -85,7 +86,7 @@ impl Default for AgreementTuning {
         AgreementTuning {
             batch_max_requests: 1024,
             batch_max_bytes: 1 << 20,
-            batch_delay_us: 0,
+            batch_delay_ms: 5,
             window: 256,
             checkpoint_interval: 128,
             view_change_timeout_ms: 2000,
