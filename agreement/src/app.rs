@@ -74,8 +74,9 @@ impl StateMachine for CounterApp {
         self.value.to_le_bytes().to_vec()
     }
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), AppError> {
-        let bytes: [u8; 8] =
-            snapshot.try_into().map_err(|_| AppError::BadSnapshot("counter needs 8 bytes".into()))?;
+        let bytes: [u8; 8] = snapshot
+            .try_into()
+            .map_err(|_| AppError::BadSnapshot("counter needs 8 bytes".into()))?;
         self.value = u64::from_le_bytes(bytes);
         Ok(())
     }
@@ -115,12 +116,21 @@ pub struct Service {
 
 impl Service {
     pub fn new(apps: Vec<(AppId, Box<dyn StateMachine>)>) -> Self {
-        Service { apps: apps.into_iter().collect(), replies: BTreeMap::new() }
+        Service {
+            apps: apps.into_iter().collect(),
+            replies: BTreeMap::new(),
+        }
     }
 
     /// Executes one request unless it is a duplicate; returns the result to
     /// send, or `None` for a stale request that is neither new nor the last.
-    pub fn execute(&mut self, client: ClientId, req_id: u64, app: AppId, op: &[u8]) -> Option<Vec<u8>> {
+    pub fn execute(
+        &mut self,
+        client: ClientId,
+        req_id: u64,
+        app: AppId,
+        op: &[u8],
+    ) -> Option<Vec<u8>> {
         if let Some(last) = self.replies.get(&client) {
             if req_id == last.req_id {
                 return Some(last.result.clone());
@@ -133,19 +143,30 @@ impl Service {
             Some(a) => a.execute(op),
             None => UNKNOWN_APP_RESULT.to_vec(),
         };
-        self.replies.insert(client, LastReply { req_id, result: result.clone() });
+        self.replies.insert(
+            client,
+            LastReply {
+                req_id,
+                result: result.clone(),
+            },
+        );
         Some(result)
     }
 
     pub fn snapshot(&self) -> Vec<u8> {
         encode(&ServiceSnapshot {
-            apps: self.apps.iter().map(|(id, a)| (*id, serde_bytes::ByteBuf::from(a.snapshot()))).collect(),
+            apps: self
+                .apps
+                .iter()
+                .map(|(id, a)| (*id, serde_bytes::ByteBuf::from(a.snapshot())))
+                .collect(),
             replies: self.replies.iter().map(|(c, r)| (*c, r.clone())).collect(),
         })
     }
 
     pub fn restore(&mut self, snapshot: &[u8]) -> Result<(), AppError> {
-        let s: ServiceSnapshot = decode(snapshot).map_err(|e| AppError::BadSnapshot(e.to_string()))?;
+        let s: ServiceSnapshot =
+            decode(snapshot).map_err(|e| AppError::BadSnapshot(e.to_string()))?;
         for (id, bytes) in &s.apps {
             if let Some(a) = self.apps.get_mut(id) {
                 a.restore(bytes)?;

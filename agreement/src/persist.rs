@@ -18,10 +18,20 @@ use zz_wire::{Seq, View};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum PersistOp {
     /// The replica is in `view`; `active` is false while it changes to it.
-    View { view: View, active: bool },
-    PrePrepare { pre_prepare: Signed<PrePrepare>, batch: Batch },
+    View {
+        view: View,
+        active: bool,
+    },
+    PrePrepare {
+        pre_prepare: Signed<PrePrepare>,
+        batch: Batch,
+    },
     Prepared(PreparedCert),
-    Stable { cert: CheckpointCert, #[serde(with = "serde_bytes")] snapshot: Vec<u8> },
+    Stable {
+        cert: CheckpointCert,
+        #[serde(with = "serde_bytes")]
+        snapshot: Vec<u8>,
+    },
 }
 
 /// The durable state, rebuilt by applying ops in order.
@@ -42,10 +52,12 @@ impl PersistentState {
                 self.view_active = *active;
             }
             PersistOp::PrePrepare { pre_prepare, batch } => {
-                self.pre_prepares.insert(pre_prepare.body.seq, (pre_prepare.clone(), batch.clone()));
+                self.pre_prepares
+                    .insert(pre_prepare.body.seq, (pre_prepare.clone(), batch.clone()));
             }
             PersistOp::Prepared(cert) => {
-                self.prepared.insert(cert.pre_prepare.body.seq, cert.clone());
+                self.prepared
+                    .insert(cert.pre_prepare.body.seq, cert.clone());
             }
             PersistOp::Stable { cert, snapshot } => {
                 let s = cert.seq;
@@ -77,7 +89,10 @@ pub struct SledStorage {
 impl SledStorage {
     pub fn open(path: &Path) -> Result<Self, StorageError> {
         let p = path.display().to_string();
-        let err = |source| StorageError::Sled { path: p.clone(), source };
+        let err = |source| StorageError::Sled {
+            path: p.clone(),
+            source,
+        };
         let db = sled::open(path).map_err(err)?;
         Ok(SledStorage {
             meta: db.open_tree("meta").map_err(err)?,
@@ -89,7 +104,10 @@ impl SledStorage {
     }
 
     fn err(&self, source: sled::Error) -> StorageError {
-        StorageError::Sled { path: self.path.clone(), source }
+        StorageError::Sled {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// Applies ops; they are durable once [`SledStorage::flush`] returns.
@@ -97,11 +115,16 @@ impl SledStorage {
         for op in ops {
             match op {
                 PersistOp::View { view, active } => {
-                    self.meta.insert("view", encode(&(*view, *active))).map_err(|e| self.err(e))?;
+                    self.meta
+                        .insert("view", encode(&(*view, *active)))
+                        .map_err(|e| self.err(e))?;
                 }
                 PersistOp::PrePrepare { pre_prepare, batch } => {
                     self.pre_prepares
-                        .insert(pre_prepare.body.seq.to_be_bytes(), encode(&(pre_prepare, batch)))
+                        .insert(
+                            pre_prepare.body.seq.to_be_bytes(),
+                            encode(&(pre_prepare, batch)),
+                        )
                         .map_err(|e| self.err(e))?;
                 }
                 PersistOp::Prepared(cert) => {
@@ -116,7 +139,8 @@ impl SledStorage {
                     let upto = (cert.seq + 1).to_be_bytes();
                     for tree in [&self.pre_prepares, &self.prepared] {
                         for k in tree.range(..upto).keys() {
-                            tree.remove(k.map_err(|e| self.err(e))?).map_err(|e| self.err(e))?;
+                            tree.remove(k.map_err(|e| self.err(e))?)
+                                .map_err(|e| self.err(e))?;
                         }
                     }
                 }
@@ -171,17 +195,43 @@ mod tests {
     fn sled_round_trip_matches_in_memory_state() {
         let dir = tempfile::tempdir().unwrap();
         let key = KeyPair::from_seed([9; 32]);
-        let pp = |seq| Signed::sign(PrePrepare { view: 1, seq, digest: Digest::ZERO, primary: 1 }, &key);
+        let pp = |seq| {
+            Signed::sign(
+                PrePrepare {
+                    view: 1,
+                    seq,
+                    digest: Digest::ZERO,
+                    primary: 1,
+                },
+                &key,
+            )
+        };
         let ops = vec![
-            PersistOp::View { view: 1, active: true },
-            PersistOp::PrePrepare { pre_prepare: pp(3), batch: Batch::default() },
-            PersistOp::PrePrepare { pre_prepare: pp(9), batch: Batch::default() },
+            PersistOp::View {
+                view: 1,
+                active: true,
+            },
+            PersistOp::PrePrepare {
+                pre_prepare: pp(3),
+                batch: Batch::default(),
+            },
+            PersistOp::PrePrepare {
+                pre_prepare: pp(9),
+                batch: Batch::default(),
+            },
             PersistOp::Stable {
-                cert: CheckpointCert { seq: 4, state: Digest::ZERO, proofs: vec![] },
+                cert: CheckpointCert {
+                    seq: 4,
+                    state: Digest::ZERO,
+                    proofs: vec![],
+                },
                 snapshot: vec![1, 2, 3],
             },
         ];
-        let mut mem = PersistentState { view_active: true, ..Default::default() };
+        let mut mem = PersistentState {
+            view_active: true,
+            ..Default::default()
+        };
         ops.iter().for_each(|o| mem.apply(o));
         {
             let s = SledStorage::open(dir.path()).unwrap();
@@ -190,6 +240,9 @@ mod tests {
         }
         let s = SledStorage::open(dir.path()).unwrap();
         assert_eq!(s.load().unwrap(), mem);
-        assert_eq!(mem.pre_prepares.keys().copied().collect::<Vec<_>>(), vec![9]);
+        assert_eq!(
+            mem.pre_prepares.keys().copied().collect::<Vec<_>>(),
+            vec![9]
+        );
     }
 }

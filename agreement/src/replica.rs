@@ -22,8 +22,7 @@ use zz_wire::{ClientId, Digest, ReplicaId, Seq, View};
 use crate::app::{state_digest, Service};
 use crate::persist::{PersistOp, PersistentState};
 use crate::viewchange::{
-    compute_new_view_log, primary_of, verify_checkpoint_cert,
-    verify_view_change, InvalidEvidence,
+    compute_new_view_log, primary_of, verify_checkpoint_cert, verify_view_change, InvalidEvidence,
 };
 
 /// Why an input was rejected. Rejections are counted by the driver and never
@@ -119,7 +118,12 @@ pub struct ReplicaOptions {
 
 impl ReplicaOptions {
     pub fn new(n: usize, f: usize, tuning: AgreementTuning) -> Self {
-        ReplicaOptions { n, f, tuning, max_inflight_batches: 4 }
+        ReplicaOptions {
+            n,
+            f,
+            tuning,
+            max_inflight_batches: 4,
+        }
     }
 }
 
@@ -188,7 +192,15 @@ pub struct Replica {
 impl Replica {
     /// A replica starting from the initial state.
     pub fn new(opts: ReplicaOptions, keys: ReplicaKeys, service: Service) -> Self {
-        Self::restore(opts, keys, service, PersistentState { view_active: true, ..Default::default() })
+        Self::restore(
+            opts,
+            keys,
+            service,
+            PersistentState {
+                view_active: true,
+                ..Default::default()
+            },
+        )
     }
 
     /// A replica resuming from durable state after a restart.
@@ -200,7 +212,14 @@ impl Replica {
     ) -> Self {
         let (stable, stable_snapshot) = match persisted.stable {
             Some((cert, snap)) if service.restore(&snap).is_ok() => (cert, snap),
-            _ => (CheckpointCert { seq: 0, state: Digest::ZERO, proofs: vec![] }, service.snapshot()),
+            _ => (
+                CheckpointCert {
+                    seq: 0,
+                    state: Digest::ZERO,
+                    proofs: vec![],
+                },
+                service.snapshot(),
+            ),
         };
         let mut r = Replica {
             id: keys.me,
@@ -215,8 +234,15 @@ impl Replica {
             next_seq: stable.seq + 1,
             last_executed: stable.seq,
             executed: BTreeMap::new(),
-            prepared_certs: persisted.prepared.into_iter().filter(|(s, _)| *s > stable.seq).collect(),
-            own_checkpoints: BTreeMap::from([(stable.seq, (stable.state, stable_snapshot.clone()))]),
+            prepared_certs: persisted
+                .prepared
+                .into_iter()
+                .filter(|(s, _)| *s > stable.seq)
+                .collect(),
+            own_checkpoints: BTreeMap::from([(
+                stable.seq,
+                (stable.state, stable_snapshot.clone()),
+            )]),
             stable,
             stable_snapshot,
             checkpoint_votes: BTreeMap::new(),
@@ -333,7 +359,11 @@ impl Replica {
     /// A request received directly from a client.
     pub fn on_request(&mut self, req: ClientRequest) -> Result<(), Rejected> {
         let r = &req.request;
-        let key = self.keys.client_mac.get(&r.client).ok_or(Rejected::BadRequestAuth(r.client))?;
+        let key = self
+            .keys
+            .client_mac
+            .get(&r.client)
+            .ok_or(Rejected::BadRequestAuth(r.client))?;
         if !req.verify_for(self.id, key) {
             return Err(Rejected::BadRequestAuth(r.client));
         }
@@ -407,11 +437,22 @@ impl Replica {
             let seq = self.next_seq;
             self.next_seq += 1;
             let pp = Signed::sign(
-                PrePrepare { view: self.view, seq, digest: batch.digest(), primary: self.id },
+                PrePrepare {
+                    view: self.view,
+                    seq,
+                    digest: batch.digest(),
+                    primary: self.id,
+                },
                 &self.keys.key,
             );
-            self.persist(PersistOp::PrePrepare { pre_prepare: pp.clone(), batch: batch.clone() });
-            self.send(Target::All, PeerMessage::PrePrepare(pp.clone(), batch.clone()));
+            self.persist(PersistOp::PrePrepare {
+                pre_prepare: pp.clone(),
+                batch: batch.clone(),
+            });
+            self.send(
+                Target::All,
+                PeerMessage::PrePrepare(pp.clone(), batch.clone()),
+            );
             let now = self.now_ms;
             let slot = self.slots.entry(seq).or_default();
             slot.created_ms = now;
@@ -440,13 +481,21 @@ impl Replica {
                 // The primary times out too: a stuck primary (say, one that
                 // cannot gather a commit quorum) also needs a new view.
                 if now_ms >= d {
-                    tracing::info!(replica = self.id, view = self.view, "request timed out; changing view");
+                    tracing::info!(
+                        replica = self.id,
+                        view = self.view,
+                        "request timed out; changing view"
+                    );
                     self.start_view_change(self.view + 1);
                 }
             }
         } else if let Some(d) = self.vc_deadline {
             if now_ms >= d {
-                let next = if self.vc_attempts == 0 { self.view } else { self.view + 1 };
+                let next = if self.vc_attempts == 0 {
+                    self.view
+                } else {
+                    self.view + 1
+                };
                 self.start_view_change(next.max(self.view));
             }
         }
@@ -492,7 +541,11 @@ impl Replica {
             if self.pending.get(&c) == Some(req) {
                 continue; // verified when it arrived from the client
             }
-            let key = self.keys.client_mac.get(&c).ok_or(Rejected::BadRequestAuth(c))?;
+            let key = self
+                .keys
+                .client_mac
+                .get(&c)
+                .ok_or(Rejected::BadRequestAuth(c))?;
             if !req.verify_for(self.id, key) {
                 return Err(Rejected::BadRequestAuth(c));
             }
@@ -512,7 +565,11 @@ impl Replica {
             return Err(Rejected::NotPrimary);
         }
         if let Some((existing, _)) = self.slots.get(&b.seq).and_then(|s| s.pre_prepare.as_ref()) {
-            return if existing.body.digest == b.digest { Ok(()) } else { Err(Rejected::Equivocation(b.seq)) };
+            return if existing.body.digest == b.digest {
+                Ok(())
+            } else {
+                Err(Rejected::Equivocation(b.seq))
+            };
         }
         if batch.digest() != b.digest {
             return Err(Rejected::DigestMismatch);
@@ -528,17 +585,29 @@ impl Replica {
     /// Records a pre-prepare for the current view and, as a backup, prepares it.
     fn accept_pre_prepare(&mut self, pp: Signed<PrePrepare>, batch: Batch) {
         let b = pp.body;
-        self.persist(PersistOp::PrePrepare { pre_prepare: pp.clone(), batch: batch.clone() });
+        self.persist(PersistOp::PrePrepare {
+            pre_prepare: pp.clone(),
+            batch: batch.clone(),
+        });
         let now = self.now_ms;
         let slot = self.slots.entry(b.seq).or_default();
         slot.created_ms = now;
         slot.pre_prepare = Some((pp, batch));
         if b.primary != self.id {
             let prep = Signed::sign(
-                Prepare { view: b.view, seq: b.seq, digest: b.digest, replica: self.id },
+                Prepare {
+                    view: b.view,
+                    seq: b.seq,
+                    digest: b.digest,
+                    replica: self.id,
+                },
                 &self.keys.key,
             );
-            self.slots.get_mut(&b.seq).expect("inserted above").prepares.insert(self.id, prep.clone());
+            self.slots
+                .get_mut(&b.seq)
+                .expect("inserted above")
+                .prepares
+                .insert(self.id, prep.clone());
             self.send(Target::All, PeerMessage::Prepare(prep));
         }
         self.check_prepared(b.seq);
@@ -547,20 +616,30 @@ impl Replica {
     fn on_prepare(&mut self, from: ReplicaId, p: Signed<Prepare>) -> Result<(), Rejected> {
         let b = p.body;
         if b.replica != from {
-            return Err(Rejected::WrongSender { from, claimed: b.replica });
+            return Err(Rejected::WrongSender {
+                from,
+                claimed: b.replica,
+            });
         }
         self.check_normal_case("prepare", b.view, b.seq)?;
         if from == self.primary() {
             return Err(Rejected::NotPrimary);
         }
-        if self.slots.get(&b.seq).is_some_and(|s| s.prepares.contains_key(&from)) {
+        if self
+            .slots
+            .get(&b.seq)
+            .is_some_and(|s| s.prepares.contains_key(&from))
+        {
             return Ok(());
         }
         if !p.verify(&self.keys.replica_public) {
             return Err(Rejected::BadSignature("prepare"));
         }
         let now = self.now_ms;
-        let slot = self.slots.entry(b.seq).or_insert_with(|| Slot { created_ms: now, ..Default::default() });
+        let slot = self.slots.entry(b.seq).or_insert_with(|| Slot {
+            created_ms: now,
+            ..Default::default()
+        });
         slot.prepares.insert(from, p);
         self.check_prepared(b.seq);
         Ok(())
@@ -568,35 +647,59 @@ impl Replica {
 
     fn check_prepared(&mut self, seq: Seq) {
         let quorum = 2 * self.f;
-        let Some(slot) = self.slots.get_mut(&seq) else { return };
+        let Some(slot) = self.slots.get_mut(&seq) else {
+            return;
+        };
         if slot.prepared {
             return;
         }
-        let Some((pp, batch)) = &slot.pre_prepare else { return };
+        let Some((pp, batch)) = &slot.pre_prepare else {
+            return;
+        };
         let d = pp.body.digest;
-        let matching: Vec<_> =
-            slot.prepares.values().filter(|p| p.body.digest == d).take(quorum).cloned().collect();
+        let matching: Vec<_> = slot
+            .prepares
+            .values()
+            .filter(|p| p.body.digest == d)
+            .take(quorum)
+            .cloned()
+            .collect();
         if matching.len() < quorum {
             return;
         }
         slot.prepared = true;
-        let cert = PreparedCert { pre_prepare: pp.clone(), batch: batch.clone(), prepares: matching };
+        let cert = PreparedCert {
+            pre_prepare: pp.clone(),
+            batch: batch.clone(),
+            prepares: matching,
+        };
         slot.commits.insert(self.id, d);
         let view = pp.body.view;
         self.prepared_certs.insert(seq, cert.clone());
         self.persist(PersistOp::Prepared(cert));
-        let commit = Commit { view, seq, digest: d, replica: self.id };
+        let commit = Commit {
+            view,
+            seq,
+            digest: d,
+            replica: self.id,
+        };
         self.send(Target::All, PeerMessage::Commit(commit));
         self.check_committed(seq);
     }
 
     fn on_commit(&mut self, from: ReplicaId, c: Commit) -> Result<(), Rejected> {
         if c.replica != from {
-            return Err(Rejected::WrongSender { from, claimed: c.replica });
+            return Err(Rejected::WrongSender {
+                from,
+                claimed: c.replica,
+            });
         }
         self.check_normal_case("commit", c.view, c.seq)?;
         let now = self.now_ms;
-        let slot = self.slots.entry(c.seq).or_insert_with(|| Slot { created_ms: now, ..Default::default() });
+        let slot = self.slots.entry(c.seq).or_insert_with(|| Slot {
+            created_ms: now,
+            ..Default::default()
+        });
         slot.commits.entry(from).or_insert(c.digest);
         self.check_committed(c.seq);
         Ok(())
@@ -604,11 +707,15 @@ impl Replica {
 
     fn check_committed(&mut self, seq: Seq) {
         let quorum = self.commit_quorum;
-        let Some(slot) = self.slots.get_mut(&seq) else { return };
+        let Some(slot) = self.slots.get_mut(&seq) else {
+            return;
+        };
         if slot.committed || !slot.prepared {
             return;
         }
-        let Some((pp, _)) = &slot.pre_prepare else { return };
+        let Some((pp, _)) = &slot.pre_prepare else {
+            return;
+        };
         let d = pp.body.digest;
         if slot.commits.values().filter(|x| **x == d).count() >= quorum {
             slot.committed = true;
@@ -622,7 +729,11 @@ impl Replica {
         loop {
             let seq = self.last_executed + 1;
             let batch = match self.slots.get(&seq) {
-                Some(Slot { committed: true, pre_prepare: Some((_, b)), .. }) => b.clone(),
+                Some(Slot {
+                    committed: true,
+                    pre_prepare: Some((_, b)),
+                    ..
+                }) => b.clone(),
                 _ => match self.from_peers.remove(&seq) {
                     Some(b) => b,
                     None => break,
@@ -636,7 +747,11 @@ impl Replica {
         let digest = batch.digest();
         for req in &batch.requests {
             let r = &req.request;
-            if self.pending.get(&r.client).is_some_and(|p| p.request.req_id <= r.req_id) {
+            if self
+                .pending
+                .get(&r.client)
+                .is_some_and(|p| p.request.req_id <= r.req_id)
+            {
                 self.pending.remove(&r.client);
             }
             let Some(result) = self.service.execute(r.client, r.req_id, r.app, &r.op) else {
@@ -651,9 +766,14 @@ impl Replica {
         self.last_executed = seq;
         self.metrics.batches_committed += 1;
         self.executed.insert(seq, (digest, batch.clone()));
-        self.ready.committed.push(CommittedBatch { seq, digest, batch });
-        self.progress_deadline =
-            if self.pending.is_empty() { None } else { Some(self.now_ms + self.timeout_ms()) };
+        self.ready
+            .committed
+            .push(CommittedBatch { seq, digest, batch });
+        self.progress_deadline = if self.pending.is_empty() {
+            None
+        } else {
+            Some(self.now_ms + self.timeout_ms())
+        };
         self.catch_up.remove(&seq);
         if seq % self.opts.tuning.checkpoint_interval == 0 {
             self.take_checkpoint(seq);
@@ -664,7 +784,14 @@ impl Replica {
         let snapshot = self.service.snapshot();
         let state = state_digest(&snapshot);
         self.own_checkpoints.insert(seq, (state, snapshot));
-        let ck = Signed::sign(Checkpoint { seq, state, replica: self.id }, &self.keys.key);
+        let ck = Signed::sign(
+            Checkpoint {
+                seq,
+                state,
+                replica: self.id,
+            },
+            &self.keys.key,
+        );
         self.send(Target::All, PeerMessage::Checkpoint(ck.clone()));
         self.record_checkpoint(ck);
     }
@@ -687,7 +814,11 @@ impl Replica {
         if b.seq > self.stable.seq + 4 * self.opts.tuning.window {
             return Err(Rejected::OutOfWindow(b.seq));
         }
-        if self.checkpoint_votes.get(&b.seq).is_some_and(|v| v.contains_key(&b.replica)) {
+        if self
+            .checkpoint_votes
+            .get(&b.seq)
+            .is_some_and(|v| v.contains_key(&b.replica))
+        {
             return Ok(());
         }
         if !c.verify(&self.keys.replica_public) {
@@ -702,9 +833,17 @@ impl Replica {
         let state = c.body.state;
         let votes = self.checkpoint_votes.entry(seq).or_default();
         votes.insert(c.body.replica, c);
-        let matching: Vec<_> = votes.values().filter(|v| v.body.state == state).cloned().collect();
+        let matching: Vec<_> = votes
+            .values()
+            .filter(|v| v.body.state == state)
+            .cloned()
+            .collect();
         if matching.len() >= self.quorum() {
-            let cert = CheckpointCert { seq, state, proofs: matching };
+            let cert = CheckpointCert {
+                seq,
+                state,
+                proofs: matching,
+            };
             self.on_stable_cert(cert);
         }
     }
@@ -720,7 +859,11 @@ impl Replica {
                 self.install_stable(cert, snap);
             }
             Some(_) => {
-                tracing::error!(replica = self.id, seq = cert.seq, "our state diverged from a stable checkpoint; awaiting state transfer");
+                tracing::error!(
+                    replica = self.id,
+                    seq = cert.seq,
+                    "our state diverged from a stable checkpoint; awaiting state transfer"
+                );
             }
             None => {
                 // We have not executed that far: peers will send the state
@@ -732,7 +875,10 @@ impl Replica {
     fn install_stable(&mut self, cert: CheckpointCert, snapshot: Vec<u8>) {
         let s = cert.seq;
         self.metrics.checkpoints_stable += 1;
-        self.persist(PersistOp::Stable { cert: cert.clone(), snapshot: snapshot.clone() });
+        self.persist(PersistOp::Stable {
+            cert: cert.clone(),
+            snapshot: snapshot.clone(),
+        });
         self.stable = cert;
         self.stable_snapshot = snapshot;
         self.slots = self.slots.split_off(&(s + 1));
@@ -751,7 +897,10 @@ impl Replica {
 
     fn on_status(&mut self, from: ReplicaId, st: Status) -> Result<(), Rejected> {
         if st.replica != from {
-            return Err(Rejected::WrongSender { from, claimed: st.replica });
+            return Err(Rejected::WrongSender {
+                from,
+                claimed: st.replica,
+            });
         }
         let to = Target::Replica(from);
         let peer_behind = st.view < self.view || (st.view == self.view && !st.view_active);
@@ -763,13 +912,21 @@ impl Replica {
         }
         if !self.view_active && st.view <= self.view {
             // Help a peer that missed our view change.
-            if let Some(vc) = self.view_changes.get(&self.view).and_then(|m| m.get(&self.id)).cloned() {
+            if let Some(vc) = self
+                .view_changes
+                .get(&self.view)
+                .and_then(|m| m.get(&self.id))
+                .cloned()
+            {
                 self.send(to, PeerMessage::ViewChange(vc));
             }
         }
         if st.stable < self.stable.seq && self.stable.seq > 0 {
             if st.last_executed < self.stable.seq {
-                let xfer = StateTransfer { cert: self.stable.clone(), snapshot: self.stable_snapshot.clone() };
+                let xfer = StateTransfer {
+                    cert: self.stable.clone(),
+                    snapshot: self.stable_snapshot.clone(),
+                };
                 self.send(to, PeerMessage::StateTransfer(xfer));
             } else {
                 for p in self.stable.proofs.clone() {
@@ -782,14 +939,21 @@ impl Replica {
             let end = self.last_executed.min(start + 63);
             if start <= end {
                 for (seq, (_, batch)) in self.executed.range(start..=end) {
-                    let entry = CommittedEntry { seq: *seq, batch: batch.clone() };
-                    self.ready.messages.push((to, PeerMessage::Committed(entry)));
+                    let entry = CommittedEntry {
+                        seq: *seq,
+                        batch: batch.clone(),
+                    };
+                    self.ready
+                        .messages
+                        .push((to, PeerMessage::Committed(entry)));
                 }
             }
         }
         if st.view == self.view && self.view_active {
             // Retransmit our part of slots that have been stuck for a while.
-            let stale = self.now_ms.saturating_sub(self.opts.tuning.status_interval_ms);
+            let stale = self
+                .now_ms
+                .saturating_sub(self.opts.tuning.status_interval_ms);
             let mut out = Vec::new();
             for (seq, slot) in self.slots.range(st.last_executed.saturating_add(1)..) {
                 if slot.created_ms > stale {
@@ -849,7 +1013,10 @@ impl Replica {
         if cert.seq <= self.stable.seq {
             return Ok(());
         }
-        let diverged = self.own_checkpoints.get(&cert.seq).is_some_and(|(d, _)| *d != cert.state);
+        let diverged = self
+            .own_checkpoints
+            .get(&cert.seq)
+            .is_some_and(|(d, _)| *d != cert.state);
         if cert.seq <= self.last_executed && !diverged {
             return Ok(());
         }
@@ -860,14 +1027,20 @@ impl Replica {
         if self.service.restore(&st.snapshot).is_err() {
             return Err(Rejected::BadSnapshot);
         }
-        tracing::info!(replica = self.id, seq = cert.seq, "state transfer installed");
+        tracing::info!(
+            replica = self.id,
+            seq = cert.seq,
+            "state transfer installed"
+        );
         self.metrics.state_transfers += 1;
         self.last_executed = cert.seq;
-        self.own_checkpoints.insert(cert.seq, (cert.state, st.snapshot.clone()));
+        self.own_checkpoints
+            .insert(cert.seq, (cert.state, st.snapshot.clone()));
         self.install_stable(st.cert, st.snapshot);
         // Requests executed in the transferred state are no longer pending.
         let replies = &self.service.replies;
-        self.pending.retain(|c, p| replies.get(c).is_none_or(|l| l.req_id < p.request.req_id));
+        self.pending
+            .retain(|c, p| replies.get(c).is_none_or(|l| l.req_id < p.request.req_id));
         self.try_execute();
         Ok(())
     }
@@ -887,18 +1060,29 @@ impl Replica {
         // quorum will ever join.
         self.vc_deadline = None;
         self.progress_deadline = None;
-        self.persist(PersistOp::View { view: new_view, active: false });
+        self.persist(PersistOp::View {
+            view: new_view,
+            active: false,
+        });
         let prepared: Vec<PreparedCert> = self
             .prepared_certs
             .range(self.stable.seq + 1..=self.high_watermark())
             .map(|(_, c)| c.clone())
             .collect();
         let vc = Signed::sign(
-            ViewChange { new_view, replica: self.id, stable: self.stable.clone(), prepared },
+            ViewChange {
+                new_view,
+                replica: self.id,
+                stable: self.stable.clone(),
+                prepared,
+            },
             &self.keys.key,
         );
         self.slots.clear();
-        self.view_changes.entry(new_view).or_default().insert(self.id, vc.clone());
+        self.view_changes
+            .entry(new_view)
+            .or_default()
+            .insert(self.id, vc.clone());
         self.send(Target::All, PeerMessage::ViewChange(vc));
         self.arm_view_change_timer();
         self.try_new_view();
@@ -917,7 +1101,10 @@ impl Replica {
     fn on_view_change(&mut self, from: ReplicaId, vc: Signed<ViewChange>) -> Result<(), Rejected> {
         let v = vc.body.new_view;
         if vc.body.replica != from {
-            return Err(Rejected::WrongSender { from, claimed: vc.body.replica });
+            return Err(Rejected::WrongSender {
+                from,
+                claimed: vc.body.replica,
+            });
         }
         if v < self.view || (v == self.view && self.view_active) {
             return Ok(()); // stale
@@ -925,10 +1112,20 @@ impl Replica {
         if v > self.view + 1000 {
             return Err(Rejected::WrongView("view change", v));
         }
-        if self.view_changes.get(&v).is_some_and(|m| m.contains_key(&from)) {
+        if self
+            .view_changes
+            .get(&v)
+            .is_some_and(|m| m.contains_key(&from))
+        {
             return Ok(());
         }
-        verify_view_change(&vc, v, self.f, self.opts.tuning.window, &self.keys.replica_public)?;
+        verify_view_change(
+            &vc,
+            v,
+            self.f,
+            self.opts.tuning.window,
+            &self.keys.replica_public,
+        )?;
         // Keep only the newest view change per replica: bounds memory.
         for m in self.view_changes.values_mut() {
             m.remove(&from);
@@ -963,26 +1160,40 @@ impl Replica {
         if self.view_active || primary_of(self.view, self.n) != self.id {
             return;
         }
-        let Some(vcs) = self.view_changes.get(&self.view) else { return };
+        let Some(vcs) = self.view_changes.get(&self.view) else {
+            return;
+        };
         if vcs.len() < self.quorum() {
             return;
         }
         let vcs: Vec<_> = vcs.values().cloned().collect();
-        let Some(log) = compute_new_view_log(&vcs) else { return };
+        let Some(log) = compute_new_view_log(&vcs) else {
+            return;
+        };
         let view = self.view;
         let pre_prepares: Vec<_> = log
             .entries
             .iter()
             .map(|(seq, digest, batch)| {
                 let pp = Signed::sign(
-                    PrePrepare { view, seq: *seq, digest: *digest, primary: self.id },
+                    PrePrepare {
+                        view,
+                        seq: *seq,
+                        digest: *digest,
+                        primary: self.id,
+                    },
                     &self.keys.key,
                 );
                 (pp, batch.clone())
             })
             .collect();
         let nv = Signed::sign(
-            NewView { view, primary: self.id, view_changes: vcs, pre_prepares },
+            NewView {
+                view,
+                primary: self.id,
+                view_changes: vcs,
+                pre_prepares,
+            },
             &self.keys.key,
         );
         self.send(Target::All, PeerMessage::NewView(nv.clone()));
@@ -1006,7 +1217,13 @@ impl Replica {
             if !signers.insert(vc.body.replica) {
                 return Err(Rejected::BadNewView);
             }
-            verify_view_change(vc, v, self.f, self.opts.tuning.window, &self.keys.replica_public)?;
+            verify_view_change(
+                vc,
+                v,
+                self.f,
+                self.opts.tuning.window,
+                &self.keys.replica_public,
+            )?;
         }
         if signers.len() < self.quorum() {
             return Err(Rejected::BadNewView);
@@ -1041,7 +1258,10 @@ impl Replica {
         self.view_active = true;
         self.vc_attempts = 0;
         self.vc_deadline = None;
-        self.persist(PersistOp::View { view: v, active: true });
+        self.persist(PersistOp::View {
+            view: v,
+            active: true,
+        });
         self.view_changes = self.view_changes.split_off(&(v + 1));
         self.on_stable_cert(stable.clone());
         self.slots.clear();
@@ -1069,8 +1289,11 @@ impl Replica {
         // A fixed order keeps replicas deterministic.
         keys.sort_unstable();
         self.unproposed = keys.into_iter().map(|k| (k, now)).collect();
-        self.progress_deadline =
-            if self.pending.is_empty() { None } else { Some(self.now_ms + self.timeout_ms()) };
+        self.progress_deadline = if self.pending.is_empty() {
+            None
+        } else {
+            Some(self.now_ms + self.timeout_ms())
+        };
         self.last_new_view = Some(nv);
     }
 }
@@ -1083,7 +1306,9 @@ mod tests {
     use zz_wire::message::Request;
 
     fn cluster(n: usize, f: usize) -> (Vec<Replica>, zz_wire::config::ClientKeys) {
-        let keys: Vec<KeyPair> = (0..n).map(|i| KeyPair::from_seed([i as u8 + 1; 32])).collect();
+        let keys: Vec<KeyPair> = (0..n)
+            .map(|i| KeyPair::from_seed([i as u8 + 1; 32]))
+            .collect();
         let pubs: Vec<_> = keys.iter().map(|k| k.public()).collect();
         let client = KeyPair::from_seed([100; 32]);
         let clients = HashMap::from([(1u64, client.public())]);
@@ -1093,10 +1318,17 @@ mod tests {
             .map(|(i, k)| {
                 let rk = ReplicaKeys::derive(i as ReplicaId, k.clone(), pubs.clone(), &clients);
                 let svc = Service::new(vec![(0, new_app("counter").unwrap())]);
-                Replica::new(ReplicaOptions::new(n, f, AgreementTuning::default()), rk, svc)
+                Replica::new(
+                    ReplicaOptions::new(n, f, AgreementTuning::default()),
+                    rk,
+                    svc,
+                )
             })
             .collect();
-        (replicas, zz_wire::config::ClientKeys::derive(1, &client, &pubs))
+        (
+            replicas,
+            zz_wire::config::ClientKeys::derive(1, &client, &pubs),
+        )
     }
 
     /// Delivers every message until quiet; returns replies.
@@ -1134,7 +1366,13 @@ mod tests {
         let mut replies = Vec::new();
         for id in 1..=3 {
             let req = ClientRequest::new(
-                Request { client: 1, req_id: id, app: 0, op: vec![], read_only: false },
+                Request {
+                    client: 1,
+                    req_id: id,
+                    app: 0,
+                    op: vec![],
+                    read_only: false,
+                },
                 &ck.replica_mac,
             );
             for r in rs.iter_mut() {
@@ -1147,14 +1385,22 @@ mod tests {
         assert!(rs.iter().all(|r| r.state_digest() == d));
         let last: Vec<_> = replies.iter().filter(|r| r.req_id == 3).collect();
         assert_eq!(last.len(), 4);
-        assert!(last.iter().all(|r| r.result == 3u64.to_le_bytes() && r.verify(&ck.replica_mac[r.replica as usize])));
+        assert!(last.iter().all(
+            |r| r.result == 3u64.to_le_bytes() && r.verify(&ck.replica_mac[r.replica as usize])
+        ));
     }
 
     #[test]
     fn forged_request_is_rejected() {
         let (mut rs, ck) = cluster(4, 1);
         let mut req = ClientRequest::new(
-            Request { client: 1, req_id: 1, app: 0, op: vec![], read_only: false },
+            Request {
+                client: 1,
+                req_id: 1,
+                app: 0,
+                op: vec![],
+                read_only: false,
+            },
             &ck.replica_mac,
         );
         req.request.op = b"tampered".to_vec();

@@ -36,7 +36,9 @@ pub fn verify_checkpoint_cert(
         return if cert.proofs.is_empty() {
             Ok(())
         } else {
-            Err(InvalidEvidence::CheckpointCert("genesis certificate carries proofs"))
+            Err(InvalidEvidence::CheckpointCert(
+                "genesis certificate carries proofs",
+            ))
         };
     }
     let mut signers = BTreeSet::new();
@@ -65,7 +67,12 @@ pub fn verify_prepared_cert(
     keys: &[VerifyingKey],
 ) -> Result<(), InvalidEvidence> {
     let pp = &cert.pre_prepare.body;
-    let bad = |reason| Err(InvalidEvidence::PreparedCert { seq: pp.seq, reason });
+    let bad = |reason| {
+        Err(InvalidEvidence::PreparedCert {
+            seq: pp.seq,
+            reason,
+        })
+    };
     let n = keys.len();
     if pp.primary != primary_of(pp.view, n) {
         return bad("pre-prepare not from the view's primary");
@@ -118,13 +125,19 @@ pub fn verify_view_change(
     for c in &b.prepared {
         let pp = &c.pre_prepare.body;
         if pp.seq <= b.stable.seq || pp.seq > b.stable.seq + window {
-            return Err(InvalidEvidence::ViewChange("prepared certificate outside the window"));
+            return Err(InvalidEvidence::ViewChange(
+                "prepared certificate outside the window",
+            ));
         }
         if pp.view >= view {
-            return Err(InvalidEvidence::ViewChange("prepared certificate from a future view"));
+            return Err(InvalidEvidence::ViewChange(
+                "prepared certificate from a future view",
+            ));
         }
         if !seqs.insert(pp.seq) {
-            return Err(InvalidEvidence::ViewChange("two certificates for one sequence number"));
+            return Err(InvalidEvidence::ViewChange(
+                "two certificates for one sequence number",
+            ));
         }
         verify_prepared_cert(c, f, keys)?;
     }
@@ -142,7 +155,11 @@ pub struct NewViewLog {
 
 /// Computes the new-view log from view changes that were already verified.
 pub fn compute_new_view_log(vcs: &[Signed<ViewChange>]) -> Option<NewViewLog> {
-    let stable = vcs.iter().map(|vc| &vc.body.stable).max_by_key(|c| c.seq)?.clone();
+    let stable = vcs
+        .iter()
+        .map(|vc| &vc.body.stable)
+        .max_by_key(|c| c.seq)?
+        .clone();
     let mut best: BTreeMap<Seq, &PreparedCert> = BTreeMap::new();
     for vc in vcs {
         for c in &vc.body.prepared {

@@ -47,7 +47,9 @@ impl Behaviour {
     pub fn byzantine_replicas(&self, f: usize, n: usize) -> Vec<ReplicaId> {
         match self {
             Behaviour::None | Behaviour::CrashRestart => vec![],
-            Behaviour::EquivocatingPrimary | Behaviour::SilentPrimary => (0..f as ReplicaId).collect(),
+            Behaviour::EquivocatingPrimary | Behaviour::SilentPrimary => {
+                (0..f as ReplicaId).collect()
+            }
             Behaviour::Forger => ((n - f) as ReplicaId..n as ReplicaId).collect(),
             Behaviour::ViewChangeLiar => (1..=f as ReplicaId).collect(),
         }
@@ -66,7 +68,13 @@ const SILENT_FROM_MS: u64 = 300;
 
 impl Byzantine {
     pub fn new(behaviour: Behaviour, keys: ReplicaKeys, n: usize) -> Self {
-        Byzantine { behaviour, keys, n, sent: Vec::new(), last_spontaneous_ms: 0 }
+        Byzantine {
+            behaviour,
+            keys,
+            n,
+            sent: Vec::new(),
+            last_spontaneous_ms: 0,
+        }
     }
 
     fn me(&self) -> ReplicaId {
@@ -83,7 +91,9 @@ impl Byzantine {
 
     fn expand(&self, t: Target) -> Vec<ReplicaId> {
         match t {
-            Target::All => (0..self.n as ReplicaId).filter(|r| *r != self.me()).collect(),
+            Target::All => (0..self.n as ReplicaId)
+                .filter(|r| *r != self.me())
+                .collect(),
             Target::Replica(r) => vec![r],
         }
     }
@@ -127,7 +137,9 @@ impl Byzantine {
     }
 
     fn equivocate(&self, rng: &mut ChaCha8Rng, msg: &PeerMessage) -> PeerMessage {
-        let PeerMessage::PrePrepare(pp, batch) = msg else { return msg.clone() };
+        let PeerMessage::PrePrepare(pp, batch) = msg else {
+            return msg.clone();
+        };
         if rng.gen_bool(0.5) {
             return msg.clone();
         }
@@ -137,7 +149,10 @@ impl Byzantine {
         } else {
             other.requests.clear();
         }
-        let body = PrePrepare { digest: other.digest(), ..pp.body };
+        let body = PrePrepare {
+            digest: other.digest(),
+            ..pp.body
+        };
         PeerMessage::PrePrepare(Signed::sign(body, &self.keys.key), other)
     }
 
@@ -149,7 +164,11 @@ impl Byzantine {
                     0 => {
                         // Lie by omission: forget every prepared batch.
                         body.prepared.clear();
-                        body.stable = CheckpointCert { seq: 0, state: Digest::ZERO, proofs: vec![] };
+                        body.stable = CheckpointCert {
+                            seq: 0,
+                            state: Digest::ZERO,
+                            proofs: vec![],
+                        };
                     }
                     1 => {
                         // Claim a different batch was prepared (bad certificate).
@@ -166,7 +185,13 @@ impl Byzantine {
                 let mut body = nv.body.clone();
                 for (pp, batch) in body.pre_prepares.iter_mut() {
                     *batch = Batch::default();
-                    *pp = Signed::sign(PrePrepare { digest: batch.digest(), ..pp.body }, &self.keys.key);
+                    *pp = Signed::sign(
+                        PrePrepare {
+                            digest: batch.digest(),
+                            ..pp.body
+                        },
+                        &self.keys.key,
+                    );
                 }
                 PeerMessage::NewView(Signed::sign(body, &self.keys.key))
             }
@@ -174,7 +199,13 @@ impl Byzantine {
         }
     }
 
-    fn forge(&mut self, rng: &mut ChaCha8Rng, env: &PeerEnvelope, msg: &PeerMessage, out: &mut Vec<PeerEnvelope>) {
+    fn forge(
+        &mut self,
+        rng: &mut ChaCha8Rng,
+        env: &PeerEnvelope,
+        msg: &PeerMessage,
+        out: &mut Vec<PeerEnvelope>,
+    ) {
         let to = env.to;
         match rng.gen_range(0..10) {
             0 => {
@@ -198,7 +229,12 @@ impl Byzantine {
                 mac_input.extend_from_slice(&to.to_le_bytes());
                 mac_input.extend_from_slice(&payload);
                 let mac = self.keys.peer_mac[to as usize].mac(&mac_input);
-                out.push(PeerEnvelope { from: self.me(), to, payload, mac });
+                out.push(PeerEnvelope {
+                    from: self.me(),
+                    to,
+                    payload,
+                    mac,
+                });
             }
             2 if !self.sent.is_empty() => {
                 // Replay an old message of ours.
@@ -208,8 +244,14 @@ impl Byzantine {
             3 => {
                 // Equivocate as a backup: prepare a different digest.
                 if let PeerMessage::Prepare(p) = msg {
-                    let body = Prepare { digest: Digest::of(&rng.gen::<[u8; 8]>()), ..p.body };
-                    out.push(self.seal(to, &PeerMessage::Prepare(Signed::sign(body, &self.keys.key))));
+                    let body = Prepare {
+                        digest: Digest::of(&rng.gen::<[u8; 8]>()),
+                        ..p.body
+                    };
+                    out.push(self.seal(
+                        to,
+                        &PeerMessage::Prepare(Signed::sign(body, &self.keys.key)),
+                    ));
                 }
             }
             _ => {}
@@ -217,7 +259,12 @@ impl Byzantine {
     }
 
     /// Unprompted messages: spurious view changes from a liar.
-    pub fn on_tick(&mut self, rng: &mut ChaCha8Rng, now: u64, replica: &Replica) -> Vec<PeerEnvelope> {
+    pub fn on_tick(
+        &mut self,
+        rng: &mut ChaCha8Rng,
+        now: u64,
+        replica: &Replica,
+    ) -> Vec<PeerEnvelope> {
         if self.behaviour != Behaviour::ViewChangeLiar || now < self.last_spontaneous_ms + 300 {
             return vec![];
         }
@@ -228,10 +275,17 @@ impl Byzantine {
         let vc = ViewChange {
             new_view: replica.view() + 1,
             replica: self.me(),
-            stable: CheckpointCert { seq: 0, state: Digest::ZERO, proofs: vec![] },
+            stable: CheckpointCert {
+                seq: 0,
+                state: Digest::ZERO,
+                proofs: vec![],
+            },
             prepared: vec![],
         };
         let msg = PeerMessage::ViewChange(Signed::sign(vc, &self.keys.key));
-        (0..self.n as ReplicaId).filter(|r| *r != self.me()).map(|to| self.seal(to, &msg)).collect()
+        (0..self.n as ReplicaId)
+            .filter(|r| *r != self.me())
+            .map(|to| self.seal(to, &msg))
+            .collect()
     }
 }

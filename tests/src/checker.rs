@@ -51,11 +51,20 @@ pub struct Checker {
 
 impl Checker {
     pub fn new(seed: u64, correct: Vec<bool>) -> Self {
-        Checker { seed, correct, log: BTreeMap::new(), index: HashMap::new(), acks: Vec::new() }
+        Checker {
+            seed,
+            correct,
+            log: BTreeMap::new(),
+            index: HashMap::new(),
+            acks: Vec::new(),
+        }
     }
 
     pub fn violation(&self, message: String) -> Violation {
-        Violation { seed: self.seed, message }
+        Violation {
+            seed: self.seed,
+            message,
+        }
     }
 
     pub fn acked(&self) -> usize {
@@ -67,7 +76,13 @@ impl Checker {
     }
 
     /// A correct replica committed `batch` at `seq`.
-    pub fn committed(&mut self, r: ReplicaId, seq: Seq, digest: Digest, batch: Batch) -> Result<(), Violation> {
+    pub fn committed(
+        &mut self,
+        r: ReplicaId,
+        seq: Seq,
+        digest: Digest,
+        batch: Batch,
+    ) -> Result<(), Violation> {
         debug_assert!(self.correct[r as usize]);
         if let Some((d, first, _)) = self.log.get(&seq) {
             if *d != digest {
@@ -78,7 +93,9 @@ impl Checker {
             return Ok(());
         }
         for req in &batch.requests {
-            self.index.entry((req.request.client, req.request.req_id)).or_insert(seq);
+            self.index
+                .entry((req.request.client, req.request.req_id))
+                .or_insert(seq);
         }
         self.log.insert(seq, (digest, r, batch));
         Ok(())
@@ -109,13 +126,18 @@ impl Checker {
             for (i, req) in batch.requests.iter().enumerate() {
                 let r = &req.request;
                 if let Some(res) = svc.execute(r.client, r.req_id, r.app, &r.op) {
-                    expected.entry((r.client, r.req_id)).or_insert((res, (*seq, i)));
+                    expected
+                        .entry((r.client, r.req_id))
+                        .or_insert((res, (*seq, i)));
                 }
             }
         }
         for a in &self.acks {
             let Some((res, _)) = expected.get(&(a.client, a.req_id)) else {
-                return Err(self.violation(format!("accepted request {}/{} never executed", a.client, a.req_id)));
+                return Err(self.violation(format!(
+                    "accepted request {}/{} never executed",
+                    a.client, a.req_id
+                )));
             };
             if *res != a.result {
                 return Err(self.violation(format!(

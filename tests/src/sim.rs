@@ -153,7 +153,10 @@ impl Sim {
                 (1000 + i as ClientId, KeyPair::from_seed(s))
             })
             .collect();
-        let client_pubs: HashMap<_, _> = client_pairs.iter().map(|(id, k)| (*id, k.public())).collect();
+        let client_pubs: HashMap<_, _> = client_pairs
+            .iter()
+            .map(|(id, k)| (*id, k.public()))
+            .collect();
         let tuning = AgreementTuning {
             batch_max_requests: 4,
             window: 16,
@@ -165,7 +168,9 @@ impl Sim {
         let replica_keys: Vec<ReplicaKeys> = keys
             .iter()
             .enumerate()
-            .map(|(i, k)| ReplicaKeys::derive(i as ReplicaId, k.clone(), pubs.clone(), &client_pubs))
+            .map(|(i, k)| {
+                ReplicaKeys::derive(i as ReplicaId, k.clone(), pubs.clone(), &client_pubs)
+            })
             .collect();
         let byz_ids = cfg.behaviour.byzantine_replicas(cfg.f, n);
         let replicas = replica_keys
@@ -185,7 +190,10 @@ impl Sim {
                 };
                 ReplicaSlot {
                     replica,
-                    persisted: PersistentState { view_active: true, ..Default::default() },
+                    persisted: PersistentState {
+                        view_active: true,
+                        ..Default::default()
+                    },
                     crashed: false,
                     byzantine,
                 }
@@ -207,7 +215,9 @@ impl Sim {
             dup: rng.gen_range(0.0..0.1),
             max_delay: rng.gen_range(2..40),
         };
-        let correct: Vec<bool> = (0..n).map(|i| !byz_ids.contains(&(i as ReplicaId))).collect();
+        let correct: Vec<bool> = (0..n)
+            .map(|i| !byz_ids.contains(&(i as ReplicaId)))
+            .collect();
         Sim {
             n,
             rng,
@@ -236,7 +246,9 @@ impl Sim {
     }
 
     fn partitioned(&self, a: Node, b: Node) -> bool {
-        let Some((set, until)) = &self.partition else { return false };
+        let Some((set, until)) = &self.partition else {
+            return false;
+        };
         if self.now >= *until {
             return false;
         }
@@ -251,15 +263,24 @@ impl Sim {
             return;
         }
         let healed = self.healed();
-        let (drop, dup, max_delay) =
-            if healed { (0.0, 0.0, 5) } else { (self.net.drop, self.net.dup, self.net.max_delay) };
+        let (drop, dup, max_delay) = if healed {
+            (0.0, 0.0, 5)
+        } else {
+            (self.net.drop, self.net.dup, self.net.max_delay)
+        };
         if self.rng.gen_bool(drop) {
             return;
         }
         let copies = if self.rng.gen_bool(dup) { 2 } else { 1 };
         for _ in 0..copies {
             let delay = self.rng.gen_range(1..=max_delay);
-            self.schedule(self.now + delay, Event::Deliver { to, wire: wire.clone() });
+            self.schedule(
+                self.now + delay,
+                Event::Deliver {
+                    to,
+                    wire: wire.clone(),
+                },
+            );
         }
     }
 
@@ -271,7 +292,13 @@ impl Sim {
         }
         for c in 0..self.clients.len() {
             let t = self.rng.gen_range(0..50);
-            self.schedule(t, Event::ClientTimer { client: c, req_id: 0 });
+            self.schedule(
+                t,
+                Event::ClientTimer {
+                    client: c,
+                    req_id: 0,
+                },
+            );
         }
         if self.cfg.behaviour == Behaviour::CrashRestart {
             let victim = self.rng.gen_range(0..self.n as ReplicaId);
@@ -287,14 +314,31 @@ impl Sim {
             }
             self.maybe_partition();
             self.handle(ev)?;
-            if self.clients.iter().all(|c| c.done >= self.cfg.ops_per_client) {
+            if self
+                .clients
+                .iter()
+                .all(|c| c.done >= self.cfg.ops_per_client)
+            {
                 break;
             }
         }
-        let incomplete: usize =
-            self.clients.iter().map(|c| self.cfg.ops_per_client - c.done.min(self.cfg.ops_per_client)).sum();
+        let incomplete: usize = self
+            .clients
+            .iter()
+            .map(|c| self.cfg.ops_per_client - c.done.min(self.cfg.ops_per_client))
+            .sum();
         if incomplete > 0 {
-            let views: Vec<_> = self.replicas.iter().map(|r| (r.replica.view(), r.replica.view_active(), r.replica.last_executed())).collect();
+            let views: Vec<_> = self
+                .replicas
+                .iter()
+                .map(|r| {
+                    (
+                        r.replica.view(),
+                        r.replica.view_active(),
+                        r.replica.last_executed(),
+                    )
+                })
+                .collect();
             return Err(self.checker.violation(format!(
                 "liveness: {incomplete} requests incomplete at {} ms, after the network healed at {} ms; replicas (view, active, last_executed): {views:?}",
                 self.now, self.cfg.faulty_ms
@@ -304,9 +348,17 @@ impl Sim {
         self.outcome.end_ms = self.now;
         self.outcome.acked = self.checker.acked();
         self.outcome.committed_seqs = self.checker.committed_len();
-        self.outcome.max_view = self.replicas.iter().map(|r| r.replica.view()).max().unwrap_or(0);
-        self.outcome.state_transfers =
-            self.replicas.iter().map(|r| r.replica.metrics().state_transfers).sum();
+        self.outcome.max_view = self
+            .replicas
+            .iter()
+            .map(|r| r.replica.view())
+            .max()
+            .unwrap_or(0);
+        self.outcome.state_transfers = self
+            .replicas
+            .iter()
+            .map(|r| r.replica.metrics().state_transfers)
+            .sum();
         Ok(self.outcome)
     }
 
@@ -315,7 +367,10 @@ impl Sim {
             self.partition = None;
             return;
         }
-        let active = self.partition.as_ref().is_some_and(|(_, until)| self.now < *until);
+        let active = self
+            .partition
+            .as_ref()
+            .is_some_and(|(_, until)| self.now < *until);
         if !active && self.rng.gen_bool(0.002) {
             let size = self.rng.gen_range(1..=self.n / 2);
             let mut set = BTreeSet::new();
@@ -343,7 +398,10 @@ impl Sim {
                 }
                 self.drain(r)
             }
-            Event::Deliver { to: Node::Replica(r), wire } => {
+            Event::Deliver {
+                to: Node::Replica(r),
+                wire,
+            } => {
                 self.outcome.messages_delivered += 1;
                 let slot = &mut self.replicas[r as usize];
                 if slot.crashed {
@@ -354,7 +412,9 @@ impl Sim {
                         if env.to != r || env.from as usize >= self.n {
                             return Ok(());
                         }
-                        let Ok(msg) = env.open(&self.replica_keys[r as usize].peer_mac[env.from as usize]) else {
+                        let Ok(msg) =
+                            env.open(&self.replica_keys[r as usize].peer_mac[env.from as usize])
+                        else {
                             return Ok(()); // forged or corrupted: dropped
                         };
                         let _ = slot.replica.step(env.from, msg);
@@ -366,7 +426,10 @@ impl Sim {
                 }
                 self.drain(r)
             }
-            Event::Deliver { to: Node::Client(c), wire: Wire::Reply(reply) } => {
+            Event::Deliver {
+                to: Node::Client(c),
+                wire: Wire::Reply(reply),
+            } => {
                 self.outcome.messages_delivered += 1;
                 self.on_reply(c, reply)
             }
@@ -469,7 +532,13 @@ impl Sim {
             let id = cl.next_req;
             cl.next_req += 1;
             let delta = (self.rng.gen_range(1..100u64)).to_le_bytes().to_vec();
-            let req = Request { client: cl.id, req_id: id, app: 0, op: delta, read_only: false };
+            let req = Request {
+                client: cl.id,
+                req_id: id,
+                app: 0,
+                op: delta,
+                read_only: false,
+            };
             cl.outstanding = Some((req, self.now));
             cl.replies.clear();
         }
@@ -477,15 +546,27 @@ impl Sim {
         let (req, _) = cl.outstanding.clone().expect("set above");
         let creq = ClientRequest::new(req.clone(), &cl.keys.replica_mac);
         for r in 0..self.n as ReplicaId {
-            self.send(Node::Client(c), Node::Replica(r), Wire::Request(creq.clone()));
+            self.send(
+                Node::Client(c),
+                Node::Replica(r),
+                Wire::Request(creq.clone()),
+            );
         }
-        self.schedule(self.now + CLIENT_RETRY_MS, Event::ClientTimer { client: c, req_id: req.req_id });
+        self.schedule(
+            self.now + CLIENT_RETRY_MS,
+            Event::ClientTimer {
+                client: c,
+                req_id: req.req_id,
+            },
+        );
     }
 
     fn on_reply(&mut self, c: usize, reply: Reply) -> Result<(), Violation> {
         let f = self.cfg.f;
         let cl = &mut self.clients[c];
-        let Some((req, invoked)) = cl.outstanding.clone() else { return Ok(()) };
+        let Some((req, invoked)) = cl.outstanding.clone() else {
+            return Ok(());
+        };
         if reply.req_id != req.req_id || reply.client != cl.id || reply.replica as usize >= self.n {
             return Ok(());
         }
@@ -506,7 +587,13 @@ impl Sim {
             cl.outstanding = None;
             cl.done += 1;
             self.checker.acknowledged(ack)?;
-            self.schedule(self.now + 1, Event::ClientTimer { client: c, req_id: 0 });
+            self.schedule(
+                self.now + 1,
+                Event::ClientTimer {
+                    client: c,
+                    req_id: 0,
+                },
+            );
         }
         Ok(())
     }

@@ -8,7 +8,11 @@ use zz_tests::byzantine::Behaviour;
 use zz_tests::sim::{run_seed, SimConfig};
 
 fn config(seed: u64, broken: bool) -> SimConfig {
-    let behaviour = [Behaviour::ViewChangeLiar, Behaviour::Forger, Behaviour::None][seed as usize % 3];
+    let behaviour = [
+        Behaviour::ViewChangeLiar,
+        Behaviour::Forger,
+        Behaviour::None,
+    ][seed as usize % 3];
     let mut cfg = SimConfig::new(1, seed, behaviour);
     if broken {
         cfg.broken_commit_quorum = Some(2);
@@ -21,11 +25,15 @@ fn config(seed: u64, broken: bool) -> SimConfig {
 #[test]
 fn commit_quorum_of_2f_is_caught() {
     let seeds = 900_000..903_000u64;
-    let caught = seeds.clone().find_map(|seed| match run_seed(config(seed, true)) {
-        Err(v) if !v.message.starts_with("liveness") => Some(v),
-        _ => None,
+    let caught = seeds
+        .clone()
+        .find_map(|seed| match run_seed(config(seed, true)) {
+            Err(v) if !v.message.starts_with("liveness") => Some(v),
+            _ => None,
+        });
+    let v = caught.unwrap_or_else(|| {
+        panic!("no safety violation in seeds {seeds:?} with a 2f commit quorum")
     });
-    let v = caught.unwrap_or_else(|| panic!("no safety violation in seeds {seeds:?} with a 2f commit quorum"));
     eprintln!("caught: {v}");
     // The same seed under the correct rule satisfies every property.
     if let Err(e) = run_seed(config(v.seed, false)) {

@@ -8,7 +8,10 @@ use zz_tests::sim::{run_seed, SimConfig};
 
 /// Seeds per (f, behaviour) test; CI runs 6 behaviours x 2 values of f.
 fn seeds_per_test() -> u64 {
-    std::env::var("ZZ_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(170)
+    std::env::var("ZZ_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(170)
 }
 
 fn run_many(f: usize, behaviour: Behaviour, base: u64) {
@@ -65,7 +68,11 @@ sim_tests! {
 /// A seed is a complete description of a run: replaying it gives the same run.
 #[test]
 fn a_seed_replays_exactly() {
-    for b in [Behaviour::EquivocatingPrimary, Behaviour::CrashRestart, Behaviour::Forger] {
+    for b in [
+        Behaviour::EquivocatingPrimary,
+        Behaviour::CrashRestart,
+        Behaviour::Forger,
+    ] {
         let a = run_seed(SimConfig::new(1, 77, b)).expect("seed 77 passes");
         let again = run_seed(SimConfig::new(1, 77, b)).expect("seed 77 passes");
         assert_eq!(a, again);

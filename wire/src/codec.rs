@@ -27,9 +27,14 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 /// Decodes a value, rejecting trailing bytes and anything over [`MAX_MESSAGE`].
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
     if bytes.len() > MAX_MESSAGE {
-        return Err(WireError::Oversized { len: bytes.len(), limit: MAX_MESSAGE });
+        return Err(WireError::Oversized {
+            len: bytes.len(),
+            limit: MAX_MESSAGE,
+        });
     }
-    options(MAX_MESSAGE).deserialize(bytes).map_err(|e| WireError::Malformed(e.to_string()))
+    options(MAX_MESSAGE)
+        .deserialize(bytes)
+        .map_err(|e| WireError::Malformed(e.to_string()))
 }
 
 #[cfg(test)]

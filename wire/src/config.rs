@@ -16,9 +16,15 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: invalid TOML: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config field `{field}`: {message}")]
@@ -28,7 +34,10 @@ pub enum ConfigError {
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field: field.into(), message: message.into() }
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -124,8 +133,10 @@ impl ClusterConfig {
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let mut cfg: ClusterConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
@@ -137,8 +148,10 @@ impl ClusterConfig {
 
     pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
         let text = toml::to_string_pretty(self).map_err(|e| invalid("<config>", e.to_string()))?;
-        std::fs::write(path, text)
-            .map_err(|source| ConfigError::Write { path: path.to_path_buf(), source })
+        std::fs::write(path, text).map_err(|source| ConfigError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     pub fn resolve(&self, p: &Path) -> PathBuf {
@@ -169,14 +182,23 @@ impl ClusterConfig {
         for (i, r) in self.replicas.iter().enumerate() {
             let field = format!("replicas[{i}]");
             if r.id as usize != i {
-                return Err(invalid(format!("{field}.id"), format!("must be {i}: ids are 0..n in order")));
+                return Err(invalid(
+                    format!("{field}.id"),
+                    format!("must be {i}: ids are 0..n in order"),
+                ));
             }
             if !addrs.insert(r.addr) {
-                return Err(invalid(format!("{field}.addr"), format!("address {} is used twice", r.addr)));
+                return Err(invalid(
+                    format!("{field}.addr"),
+                    format!("address {} is used twice", r.addr),
+                ));
             }
             if let Some(m) = r.metrics_addr {
                 if !addrs.insert(m) {
-                    return Err(invalid(format!("{field}.metrics_addr"), format!("address {m} is used twice")));
+                    return Err(invalid(
+                        format!("{field}.metrics_addr"),
+                        format!("address {m} is used twice"),
+                    ));
                 }
             }
             parse_public_key(&r.public_key)
@@ -185,7 +207,10 @@ impl ClusterConfig {
         let mut ids = HashSet::new();
         for (i, c) in self.clients.iter().enumerate() {
             if !ids.insert(c.id) {
-                return Err(invalid(format!("clients[{i}].id"), format!("client id {} is used twice", c.id)));
+                return Err(invalid(
+                    format!("clients[{i}].id"),
+                    format!("client id {} is used twice", c.id),
+                ));
             }
             parse_public_key(&c.public_key)
                 .map_err(|e| invalid(format!("clients[{i}].public_key"), e.to_string()))?;
@@ -195,11 +220,18 @@ impl ClusterConfig {
             if !KNOWN_APP_KINDS.contains(&a.kind.as_str()) {
                 return Err(invalid(
                     format!("apps[{i}].kind"),
-                    format!("unknown app kind `{}`; known kinds: {}", a.kind, KNOWN_APP_KINDS.join(", ")),
+                    format!(
+                        "unknown app kind `{}`; known kinds: {}",
+                        a.kind,
+                        KNOWN_APP_KINDS.join(", ")
+                    ),
                 ));
             }
             if !app_ids.insert(a.id) {
-                return Err(invalid(format!("apps[{i}].id"), format!("app id {} is used twice", a.id)));
+                return Err(invalid(
+                    format!("apps[{i}].id"),
+                    format!("app id {} is used twice", a.id),
+                ));
             }
         }
         let t = &self.agreement;
@@ -233,7 +265,10 @@ impl ClusterConfig {
 /// Writes a private key as hex, readable only by its owner.
 pub fn write_key_file(path: &Path, key: &KeyPair) -> Result<(), ConfigError> {
     use std::io::Write;
-    let err = |source| ConfigError::Write { path: path.to_path_buf(), source };
+    let err = |source| ConfigError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -242,7 +277,8 @@ pub fn write_key_file(path: &Path, key: &KeyPair) -> Result<(), ConfigError> {
         opts.mode(0o600);
     }
     let mut f = opts.open(path).map_err(err)?;
-    f.write_all(hex::encode(key.seed()).as_bytes()).map_err(err)?;
+    f.write_all(hex::encode(key.seed()).as_bytes())
+        .map_err(err)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -286,9 +322,21 @@ impl ReplicaKeys {
         replica_public: Vec<VerifyingKey>,
         client_public: &HashMap<ClientId, VerifyingKey>,
     ) -> Self {
-        let peer_mac = replica_public.iter().map(|p| key.shared_mac_key(p)).collect();
-        let client_mac = client_public.iter().map(|(c, p)| (*c, key.shared_mac_key(p))).collect();
-        ReplicaKeys { me, key, replica_public, peer_mac, client_mac }
+        let peer_mac = replica_public
+            .iter()
+            .map(|p| key.shared_mac_key(p))
+            .collect();
+        let client_mac = client_public
+            .iter()
+            .map(|(c, p)| (*c, key.shared_mac_key(p)))
+            .collect();
+        ReplicaKeys {
+            me,
+            key,
+            replica_public,
+            peer_mac,
+            client_mac,
+        }
     }
 
     /// Loads replica `me`'s keys as named by the config, checking that its
@@ -320,7 +368,13 @@ pub struct ClientKeys {
 
 impl ClientKeys {
     pub fn derive(me: ClientId, key: &KeyPair, replica_public: &[VerifyingKey]) -> Self {
-        ClientKeys { me, replica_mac: replica_public.iter().map(|p| key.shared_mac_key(p)).collect() }
+        ClientKeys {
+            me,
+            replica_mac: replica_public
+                .iter()
+                .map(|p| key.shared_mac_key(p))
+                .collect(),
+        }
     }
 
     pub fn load(cfg: &ClusterConfig, me: ClientId) -> Result<Self, ConfigError> {

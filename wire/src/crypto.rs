@@ -34,7 +34,8 @@ mod sig_bytes {
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 64], D::Error> {
         let v: Vec<u8> = Deserialize::deserialize(d)?;
-        v.try_into().map_err(|_| D::Error::custom("signature must be 64 bytes"))
+        v.try_into()
+            .map_err(|_| D::Error::custom("signature must be 64 bytes"))
     }
 }
 
@@ -59,7 +60,11 @@ impl MacKey {
     /// Constant-time check of `mac` over `data`.
     pub fn verify(&self, data: &[u8], mac: &Mac) -> bool {
         let expect = self.mac(data);
-        expect.iter().zip(mac.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        expect
+            .iter()
+            .zip(mac.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
     }
 }
 
@@ -93,12 +98,16 @@ impl std::fmt::Debug for KeyPair {
 
 impl KeyPair {
     pub fn generate() -> Self {
-        KeyPair { signing: SigningKey::generate(&mut rand::rngs::OsRng) }
+        KeyPair {
+            signing: SigningKey::generate(&mut rand::rngs::OsRng),
+        }
     }
 
     /// A deterministic key pair, for simulations and tests.
     pub fn from_seed(seed: [u8; 32]) -> Self {
-        KeyPair { signing: SigningKey::from_bytes(&seed) }
+        KeyPair {
+            signing: SigningKey::from_bytes(&seed),
+        }
     }
 
     pub fn seed(&self) -> [u8; 32] {
@@ -138,12 +147,7 @@ impl KeyPair {
 }
 
 /// Verifies a domain-tagged signature.
-pub fn verify_signature(
-    key: &VerifyingKey,
-    domain: &str,
-    bytes: &[u8],
-    sig: &Signature,
-) -> bool {
+pub fn verify_signature(key: &VerifyingKey, domain: &str, bytes: &[u8], sig: &Signature) -> bool {
     let msg = Digest::of_parts(domain, &[bytes]);
     let sig = ed25519_dalek::Signature::from_bytes(&sig.0);
     key.verify(&msg.0, &sig).is_ok()

@@ -32,7 +32,9 @@ pub struct FrameDecoder {
 
 impl Default for FrameDecoder {
     fn default() -> Self {
-        FrameDecoder { max_frame: DEFAULT_MAX_FRAME }
+        FrameDecoder {
+            max_frame: DEFAULT_MAX_FRAME,
+        }
     }
 }
 
@@ -51,7 +53,10 @@ impl FrameDecoder {
         }
         let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         if len > self.max_frame {
-            return Err(WireError::Oversized { len, limit: self.max_frame });
+            return Err(WireError::Oversized {
+                len,
+                limit: self.max_frame,
+            });
         }
         if buf.len() < 4 + len {
             // Reserve only what the checked length needs.
@@ -93,7 +98,13 @@ mod tests {
         let dec = FrameDecoder::new(1024);
         let mut buf = BytesMut::from(&(1_000_000u32).to_be_bytes()[..]);
         let err = dec.decode(&mut buf).unwrap_err();
-        assert!(matches!(err, WireError::Oversized { len: 1_000_000, limit: 1024 }));
+        assert!(matches!(
+            err,
+            WireError::Oversized {
+                len: 1_000_000,
+                limit: 1024
+            }
+        ));
         assert!(buf.capacity() < 1_000_000);
     }
 }

@@ -46,7 +46,8 @@ impl ClientRequest {
 
     /// Checks the MAC addressed to `replica`.
     pub fn verify_for(&self, replica: ReplicaId, key: &MacKey) -> bool {
-        self.auth.verify(replica as usize, key, &self.request.digest().0)
+        self.auth
+            .verify(replica as usize, key, &self.request.digest().0)
     }
 }
 
@@ -81,11 +82,21 @@ impl Reply {
         key: &MacKey,
     ) -> Self {
         let mac = key.mac(&Self::mac_input(replica, client, req_id, &result));
-        Reply { view, replica, client, req_id, result, mac }
+        Reply {
+            view,
+            replica,
+            client,
+            req_id,
+            result,
+            mac,
+        }
     }
 
     pub fn verify(&self, key: &MacKey) -> bool {
-        key.verify(&Self::mac_input(self.replica, self.client, self.req_id, &self.result), &self.mac)
+        key.verify(
+            &Self::mac_input(self.replica, self.client, self.req_id, &self.result),
+            &self.mac,
+        )
     }
 }
 
@@ -319,12 +330,20 @@ impl PeerEnvelope {
     pub fn seal(from: ReplicaId, to: ReplicaId, msg: &PeerMessage, key: &MacKey) -> Self {
         let payload = encode(msg);
         let mac = key.mac(&Self::mac_input(from, to, &payload));
-        PeerEnvelope { from, to, payload, mac }
+        PeerEnvelope {
+            from,
+            to,
+            payload,
+            mac,
+        }
     }
 
     /// Checks the MAC (with the key shared with `from`) and decodes the payload.
     pub fn open(&self, key: &MacKey) -> Result<PeerMessage, WireError> {
-        if !key.verify(&Self::mac_input(self.from, self.to, &self.payload), &self.mac) {
+        if !key.verify(
+            &Self::mac_input(self.from, self.to, &self.payload),
+            &self.mac,
+        ) {
             return Err(WireError::BadMac(format!("replica {}", self.from)));
         }
         decode(&self.payload)
@@ -349,7 +368,13 @@ mod tests {
         let b = KeyPair::from_seed([2; 32]);
         let c = KeyPair::from_seed([3; 32]);
         let k_ab = a.shared_mac_key(&b.public());
-        let msg = PeerMessage::Status(Status { replica: 0, view: 1, view_active: true, last_executed: 2, stable: 0 });
+        let msg = PeerMessage::Status(Status {
+            replica: 0,
+            view: 1,
+            view_active: true,
+            last_executed: 2,
+            stable: 0,
+        });
         let env = PeerEnvelope::seal(0, 1, &msg, &k_ab);
         assert_eq!(env.open(&k_ab).unwrap(), msg);
         let forged = PeerEnvelope::seal(0, 1, &msg, &c.shared_mac_key(&b.public()));
@@ -363,7 +388,12 @@ mod tests {
     fn signed_body_binds_signer() {
         let keys: Vec<KeyPair> = (0..4u8).map(|i| KeyPair::from_seed([i + 1; 32])).collect();
         let pubs: Vec<_> = keys.iter().map(|k| k.public()).collect();
-        let body = Prepare { view: 0, seq: 1, digest: Digest::ZERO, replica: 2 };
+        let body = Prepare {
+            view: 0,
+            seq: 1,
+            digest: Digest::ZERO,
+            replica: 2,
+        };
         let s = Signed::sign(body, &keys[2]);
         assert!(s.verify(&pubs));
         let impersonated = Signed::sign(body, &keys[3]);
