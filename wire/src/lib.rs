@@ -13,6 +13,7 @@
 pub mod codec;
 pub mod config;
 pub mod crypto;
+pub mod exec;
 pub mod frame;
 pub mod ids;
 pub mod message;
