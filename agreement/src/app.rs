@@ -103,6 +103,7 @@ pub struct LastReply {
 struct ServiceSnapshot {
     apps: Vec<(AppId, serde_bytes::ByteBuf)>,
     replies: Vec<(ClientId, LastReply)>,
+    exec: crate::execution::ExecTable,
 }
 
 /// Result of an op naming an app the cluster does not host.
@@ -112,6 +113,8 @@ pub const UNKNOWN_APP_RESULT: &[u8] = b"error: unknown app";
 pub struct Service {
     apps: BTreeMap<AppId, Box<dyn StateMachine>>,
     pub replies: BTreeMap<ClientId, LastReply>,
+    /// Epochs, app sequence numbers and active sets of apps run by execution replicas.
+    pub exec: crate::execution::ExecTable,
 }
 
 impl Service {
@@ -119,6 +122,7 @@ impl Service {
         Service {
             apps: apps.into_iter().collect(),
             replies: BTreeMap::new(),
+            exec: Default::default(),
         }
     }
 
@@ -161,6 +165,7 @@ impl Service {
                 .map(|(id, a)| (*id, serde_bytes::ByteBuf::from(a.snapshot())))
                 .collect(),
             replies: self.replies.iter().map(|(c, r)| (*c, r.clone())).collect(),
+            exec: self.exec.clone(),
         })
     }
 
@@ -173,6 +178,7 @@ impl Service {
             }
         }
         self.replies = s.replies.into_iter().collect();
+        self.exec = s.exec;
         Ok(())
     }
 }

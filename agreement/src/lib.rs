@@ -12,6 +12,7 @@
 
 pub mod app;
 pub mod driver;
+pub mod execution;
 pub mod persist;
 pub mod replica;
 pub mod viewchange;

@@ -20,10 +20,14 @@ use zz_wire::message::{
 use zz_wire::{ClientId, Digest, ReplicaId, Seq, View};
 
 use crate::app::{state_digest, Service};
+use crate::execution::{verify_reconfigure, ExecTable, Monitor};
 use crate::persist::{PersistOp, PersistentState};
 use crate::viewchange::{
     compute_new_view_log, primary_of, verify_checkpoint_cert, verify_view_change, InvalidEvidence,
 };
+use ed25519_dalek::VerifyingKey;
+use zz_wire::exec::{Evidence, ExecId, ExecMessage, HostCommand, Order, Reconfigure, Suspect};
+use zz_wire::AppId;
 
 /// Why an input was rejected. Rejections are counted by the driver and never
 /// change the replica's state.
@@ -55,6 +59,12 @@ pub enum Rejected {
     BadSnapshot,
     #[error("checkpoint at {0} is not a multiple of the checkpoint interval")]
     BadCheckpointSeq(Seq),
+    #[error("reconfiguration: {0}")]
+    BadReconfigure(#[from] crate::execution::BadReconfigure),
+    #[error("message from execution replica {0} is not valid for it")]
+    BadExecMessage(ExecId),
+    #[error("execution checkpoint: {0}")]
+    BadExecCheckpoint(#[from] crate::execution::CheckpointError),
 }
 
 /// Where a peer message goes.
@@ -81,6 +91,10 @@ pub struct Ready {
     pub messages: Vec<(Target, PeerMessage)>,
     pub replies: Vec<Reply>,
     pub committed: Vec<CommittedBatch>,
+    /// Orders and stable checkpoints for execution replicas.
+    pub exec: Vec<(ExecId, ExecMessage)>,
+    /// Signed commands for the host agents of execution replicas.
+    pub host_commands: Vec<Signed<HostCommand>>,
 }
 
 impl Ready {
@@ -89,6 +103,8 @@ impl Ready {
             && self.messages.is_empty()
             && self.replies.is_empty()
             && self.committed.is_empty()
+            && self.exec.is_empty()
+            && self.host_commands.is_empty()
     }
 }
 
@@ -103,6 +119,9 @@ pub struct ReplicaMetrics {
     pub state_transfers: u64,
     pub checkpoints_stable: u64,
     pub rejected: u64,
+    pub orders_sent: u64,
+    pub suspicions: u64,
+    pub reconfigurations: u64,
 }
 
 /// Everything a replica is configured with.
@@ -114,6 +133,11 @@ pub struct ReplicaOptions {
     /// Batches in flight (pre-prepared, not yet executed) before the primary
     /// waits to fill the next batch; larger batches amortize signatures.
     pub max_inflight_batches: u64,
+    /// Apps run by execution replicas, with each replica's public key
+    /// (index `i` is execution replica `i`, `0..2f+1`).
+    pub remote_apps: BTreeMap<AppId, Vec<VerifyingKey>>,
+    /// Floor of the adaptive execution timeout.
+    pub exec_timeout_min_ms: u64,
 }
 
 impl ReplicaOptions {
@@ -123,6 +147,8 @@ impl ReplicaOptions {
             f,
             tuning,
             max_inflight_batches: 4,
+            remote_apps: BTreeMap::new(),
+            exec_timeout_min_ms: 200,
         }
     }
 }
@@ -185,6 +211,9 @@ pub struct Replica {
     last_status_ms: u64,
 
     service: Service,
+    monitors: BTreeMap<AppId, Monitor>,
+    /// Reconfigurations this primary already put in a batch in this view.
+    proposed_reconfigs: BTreeSet<(AppId, u64)>,
     ready: Ready,
     metrics: ReplicaMetrics,
 }
@@ -210,6 +239,8 @@ impl Replica {
         mut service: Service,
         persisted: PersistentState,
     ) -> Self {
+        let remote: Vec<AppId> = opts.remote_apps.keys().copied().collect();
+        service.exec = ExecTable::new(&remote, opts.f);
         let (stable, stable_snapshot) = match persisted.stable {
             Some((cert, snap)) if service.restore(&snap).is_ok() => (cert, snap),
             _ => (
@@ -257,6 +288,8 @@ impl Replica {
             from_peers: BTreeMap::new(),
             last_status_ms: 0,
             service,
+            monitors: remote.iter().map(|a| (*a, Monitor::default())).collect(),
+            proposed_reconfigs: BTreeSet::new(),
             ready: Ready::default(),
             metrics: ReplicaMetrics::default(),
             opts,
@@ -407,12 +440,19 @@ impl Replica {
         let t = &self.opts.tuning;
         let (max_reqs, max_bytes) = (t.batch_max_requests, t.batch_max_bytes);
         let delay = t.batch_delay_ms;
-        while let Some((_, oldest)) = self.unproposed.front().copied() {
+        loop {
+            let reconfigs = self.unproposed_reconfigs();
+            let oldest = match self.unproposed.front() {
+                Some((_, at)) => *at,
+                None if !reconfigs.is_empty() => 0,
+                None => break,
+            };
             if self.next_seq > self.high_watermark() {
                 break;
             }
             // Cut a batch when it is full, when the pipeline has room, or when
-            // its oldest request has waited long enough.
+            // its oldest request has waited long enough. Reconfigurations
+            // never wait.
             let inflight = (self.next_seq - 1).saturating_sub(self.last_executed);
             let full = self.unproposed.len() >= max_reqs;
             let waited = self.now_ms >= oldest + delay;
@@ -420,6 +460,10 @@ impl Replica {
                 break;
             }
             let mut batch = Batch::default();
+            for r in reconfigs {
+                self.proposed_reconfigs.insert((r.app, r.epoch));
+                batch.reconfigs.push(r);
+            }
             let mut bytes = 0;
             while let Some(((c, id), _)) = self.unproposed.pop_front() {
                 let Some(req) = self.pending.get(&c).filter(|p| p.request.req_id == id) else {
@@ -431,7 +475,7 @@ impl Replica {
                     break;
                 }
             }
-            if batch.requests.is_empty() {
+            if batch.requests.is_empty() && batch.reconfigs.is_empty() {
                 break;
             }
             let seq = self.next_seq;
@@ -461,6 +505,22 @@ impl Replica {
         }
     }
 
+    /// Reconfigurations ready to order that this primary has not proposed yet.
+    fn unproposed_reconfigs(&self) -> Vec<Reconfigure> {
+        self.monitors
+            .values()
+            .flat_map(|m| m.ready_reconfigs.values())
+            .filter(|r| !self.proposed_reconfigs.contains(&(r.app, r.epoch)))
+            .cloned()
+            .collect()
+    }
+
+    fn has_pending_reconfigs(&self) -> bool {
+        self.monitors
+            .values()
+            .any(|m| !m.ready_reconfigs.is_empty())
+    }
+
     // ------------------------------------------------------------------- time
 
     pub fn tick(&mut self, now_ms: u64) {
@@ -475,6 +535,10 @@ impl Replica {
                 stable: self.stable.seq,
             };
             self.send(Target::All, PeerMessage::Status(st));
+        }
+        let apps: Vec<AppId> = self.monitors.keys().copied().collect();
+        for app in apps {
+            self.evaluate_app(app);
         }
         if self.view_active {
             if let Some(d) = self.progress_deadline {
@@ -518,6 +582,7 @@ impl Replica {
             PeerMessage::Status(st) => self.on_status(from, st),
             PeerMessage::StateTransfer(st) => self.on_state_transfer(st),
             PeerMessage::Committed(c) => self.on_committed(from, c),
+            PeerMessage::Suspect(s) => self.on_suspect(from, s),
         };
         if res.is_err() {
             self.metrics.rejected += 1;
@@ -549,6 +614,9 @@ impl Replica {
             if !req.verify_for(self.id, key) {
                 return Err(Rejected::BadRequestAuth(c));
             }
+        }
+        for r in &batch.reconfigs {
+            verify_reconfigure(r, self.f, &self.keys.replica_public)?;
         }
         Ok(())
     }
@@ -745,6 +813,10 @@ impl Replica {
 
     fn execute(&mut self, seq: Seq, batch: Batch) {
         let digest = batch.digest();
+        for r in &batch.reconfigs {
+            self.apply_reconfigure(r);
+        }
+        let mut orders: BTreeMap<AppId, Vec<zz_wire::message::Request>> = BTreeMap::new();
         for req in &batch.requests {
             let r = &req.request;
             if self
@@ -753,6 +825,10 @@ impl Replica {
                 .is_some_and(|p| p.request.req_id <= r.req_id)
             {
                 self.pending.remove(&r.client);
+            }
+            if self.service.exec.is_remote(r.app) {
+                orders.entry(r.app).or_default().push(r.clone());
+                continue;
             }
             let Some(result) = self.service.execute(r.client, r.req_id, r.app, &r.op) else {
                 continue;
@@ -763,13 +839,16 @@ impl Replica {
                 self.ready.replies.push(reply);
             }
         }
+        for (app, requests) in orders {
+            self.send_order(app, seq, requests);
+        }
         self.last_executed = seq;
         self.metrics.batches_committed += 1;
         self.executed.insert(seq, (digest, batch.clone()));
         self.ready
             .committed
             .push(CommittedBatch { seq, digest, batch });
-        self.progress_deadline = if self.pending.is_empty() {
+        self.progress_deadline = if self.pending.is_empty() && !self.has_pending_reconfigs() {
             None
         } else {
             Some(self.now_ms + self.timeout_ms())
@@ -777,6 +856,217 @@ impl Replica {
         self.catch_up.remove(&seq);
         if seq % self.opts.tuning.checkpoint_interval == 0 {
             self.take_checkpoint(seq);
+        }
+    }
+
+    // ------------------------------------------------- execution replicas
+
+    /// Assigns the app's next `app_seq` and orders it at the active set.
+    fn send_order(&mut self, app: AppId, seq: Seq, requests: Vec<zz_wire::message::Request>) {
+        let Some(app_seq) = self.service.exec.next_app_seq(app) else {
+            return;
+        };
+        let order = Order {
+            app,
+            app_seq,
+            seq,
+            requests,
+        };
+        let active = self.service.exec.apps[&app].active.clone();
+        for index in active {
+            self.metrics.orders_sent += 1;
+            self.ready
+                .exec
+                .push((ExecId { app, index }, ExecMessage::Order(order.clone())));
+        }
+        if let Some(m) = self.monitors.get_mut(&app) {
+            m.order_sent(order, self.now_ms);
+        }
+    }
+
+    /// Executes an ordered reconfiguration: the same at every correct replica.
+    fn apply_reconfigure(&mut self, r: &Reconfigure) {
+        let Some(t) = self.service.exec.apply(r) else {
+            return;
+        };
+        self.metrics.reconfigurations += 1;
+        tracing::info!(replica = self.id, app = t.app, epoch = t.epoch, commands = ?t.commands, "reconfiguring execution replicas");
+        for (exec, action) in &t.commands {
+            let cmd = HostCommand {
+                app: t.app,
+                epoch: t.epoch,
+                exec: *exec,
+                action: *action,
+                replica: self.id,
+            };
+            self.ready
+                .host_commands
+                .push(Signed::sign(cmd, &self.keys.key));
+        }
+        let recovering = self.service.exec.apps[&t.app].recovering;
+        let now = self.now_ms;
+        let Some(m) = self.monitors.get_mut(&t.app) else {
+            return;
+        };
+        m.epoch_changed(t.epoch);
+        if recovering {
+            m.rewatch_all(now);
+        }
+        // Woken replicas get the stable checkpoint, then every order since.
+        for index in t.woken {
+            let to = ExecId { app: t.app, index };
+            if let Some(cert) = &m.stable {
+                self.ready
+                    .exec
+                    .push((to, ExecMessage::Stable(cert.clone())));
+            }
+            for order in m.orders.values() {
+                self.ready
+                    .exec
+                    .push((to, ExecMessage::Order(order.clone())));
+            }
+        }
+    }
+
+    /// A message from an execution replica, whose envelope MAC was already checked.
+    pub fn on_exec(&mut self, from: ExecId, msg: ExecMessage) -> Result<(), Rejected> {
+        let res = self.on_exec_inner(from, msg);
+        if res.is_err() {
+            self.metrics.rejected += 1;
+        }
+        res
+    }
+
+    fn on_exec_inner(&mut self, from: ExecId, msg: ExecMessage) -> Result<(), Rejected> {
+        let bad = Rejected::BadExecMessage(from);
+        let Some(state) = self.service.exec.apps.get(&from.app) else {
+            return Err(bad);
+        };
+        if from.index >= self.service.exec.replicas_per_app {
+            return Err(bad);
+        }
+        let (epoch, active) = (state.epoch, state.active.clone());
+        let m = self.monitors.get_mut(&from.app).ok_or(bad.clone())?;
+        match msg {
+            ExecMessage::Executed(e) => {
+                if e.exec != from.index || e.app != from.app {
+                    return Err(bad);
+                }
+                let Some(order) = m.orders.get(&e.app_seq) else {
+                    return Ok(()); // older than the stable checkpoint
+                };
+                if e.replies.len() > order.requests.len() {
+                    return Err(bad);
+                }
+                m.record(e.app_seq, e.exec, e.digest);
+                // Replies are MAC'd end to end for their clients; we only relay.
+                for reply in e.replies {
+                    if reply.replica == from.index {
+                        self.ready.replies.push(reply);
+                    }
+                }
+                self.evaluate_app(from.app);
+            }
+            ExecMessage::Checkpoint(ck, sig) => {
+                if ck.exec != from.index || ck.app != from.app {
+                    return Err(bad);
+                }
+                let keys = &self.opts.remote_apps[&from.app];
+                let stable = m.add_checkpoint(ck, sig, keys, self.f)?;
+                if let Some(conflict) = m.checkpoint_conflict(ck.app_seq, &active) {
+                    let ev = Evidence::Mismatch { digests: conflict };
+                    self.suspect(from.app, epoch, ck.app_seq, ev);
+                }
+                if let Some(cert) = stable {
+                    for index in active {
+                        let to = ExecId {
+                            app: from.app,
+                            index,
+                        };
+                        self.ready
+                            .exec
+                            .push((to, ExecMessage::Stable(cert.clone())));
+                    }
+                }
+            }
+            ExecMessage::Order(_) | ExecMessage::Stable(_) => return Err(bad),
+        }
+        Ok(())
+    }
+
+    fn evaluate_app(&mut self, app: AppId) {
+        let Some(st) = self.service.exec.apps.get(&app) else {
+            return;
+        };
+        let (epoch, active, recovering) = (st.epoch, st.active.clone(), st.recovering);
+        let now = self.now_ms;
+        let min = self.opts.exec_timeout_min_ms;
+        let f = self.f;
+        let Some(m) = self.monitors.get_mut(&app) else {
+            return;
+        };
+        if let Some(c) = m.evaluate(epoch, &active, recovering, f, now, min) {
+            self.suspect(app, epoch, c.app_seq, c.evidence);
+        }
+    }
+
+    /// Signs and broadcasts a suspect (or verdict) for the app's epoch.
+    fn suspect(&mut self, app: AppId, epoch: u64, app_seq: u64, evidence: Evidence) {
+        tracing::warn!(
+            replica = self.id,
+            app,
+            epoch,
+            app_seq,
+            ?evidence,
+            "suspecting execution replicas"
+        );
+        self.metrics.suspicions += 1;
+        let s = Signed::sign(
+            Suspect {
+                app,
+                epoch,
+                app_seq,
+                replica: self.id,
+                evidence,
+            },
+            &self.keys.key,
+        );
+        self.send(Target::All, PeerMessage::Suspect(s.clone()));
+        if let Some(m) = self.monitors.get_mut(&app) {
+            m.mark_suspected(epoch);
+            m.add_suspect(s, epoch, self.f);
+        }
+        self.arm_progress_timer();
+    }
+
+    fn on_suspect(&mut self, from: ReplicaId, s: Signed<Suspect>) -> Result<(), Rejected> {
+        if s.body.replica != from {
+            return Err(Rejected::WrongSender {
+                from,
+                claimed: s.body.replica,
+            });
+        }
+        let Some(st) = self.service.exec.apps.get(&s.body.app) else {
+            return Err(crate::execution::BadReconfigure::UnknownApp(s.body.app).into());
+        };
+        if s.body.epoch != st.epoch {
+            return Ok(()); // stale, or from an epoch we have not reached
+        }
+        if !s.verify(&self.keys.replica_public) {
+            return Err(Rejected::BadSignature("suspect"));
+        }
+        let epoch = st.epoch;
+        if let Some(m) = self.monitors.get_mut(&s.body.app) {
+            m.add_suspect(s, epoch, self.f);
+        }
+        self.arm_progress_timer();
+        Ok(())
+    }
+
+    /// Work is waiting to be ordered: if it is not, a view change follows.
+    fn arm_progress_timer(&mut self) {
+        if self.progress_deadline.is_none() && self.has_pending_reconfigs() {
+            self.progress_deadline = Some(self.now_ms + self.timeout_ms());
         }
     }
 
@@ -1289,7 +1579,8 @@ impl Replica {
         // A fixed order keeps replicas deterministic.
         keys.sort_unstable();
         self.unproposed = keys.into_iter().map(|k| (k, now)).collect();
-        self.progress_deadline = if self.pending.is_empty() {
+        self.proposed_reconfigs.clear();
+        self.progress_deadline = if self.pending.is_empty() && !self.has_pending_reconfigs() {
             None
         } else {
             Some(self.now_ms + self.timeout_ms())

@@ -139,6 +139,26 @@ pub enum Evidence {
     },
     /// The operator asked for this replica to be activated (`zzctl activate`).
     Operator { exec: ExecIndex },
+    /// After waking every replica: these replicas disagreed with f+1 matching
+    /// replies, or stayed silent, and are faulty.
+    Verdict { faulty: Vec<ExecIndex> },
+}
+
+impl Evidence {
+    /// Suspicions that wake the dormant replicas, as opposed to a verdict.
+    pub fn is_verdict(&self) -> bool {
+        matches!(self, Evidence::Verdict { .. })
+    }
+}
+
+/// An ordered reconfiguration of one app's execution replicas, justified by
+/// f+1 suspects for the same (app, epoch) from distinct agreement replicas
+/// (all verdicts naming the same faulty set, or all non-verdicts).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reconfigure {
+    pub app: AppId,
+    pub epoch: Epoch,
+    pub proofs: Vec<Signed<Suspect>>,
 }
 
 /// A signed suspicion; f+1 of them for one (app, epoch) justify a reconfiguration.

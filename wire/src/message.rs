@@ -105,6 +105,9 @@ impl Reply {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Batch {
     pub requests: Vec<ClientRequest>,
+    /// Reconfigurations of execution replicas, ordered like requests so every
+    /// replica switches at the same point of the log.
+    pub reconfigs: Vec<crate::exec::Reconfigure>,
 }
 
 impl Batch {
@@ -290,6 +293,7 @@ pub enum PeerMessage {
     Status(Status),
     StateTransfer(StateTransfer),
     Committed(CommittedEntry),
+    Suspect(Signed<crate::exec::Suspect>),
 }
 
 impl PeerMessage {
@@ -304,6 +308,7 @@ impl PeerMessage {
             PeerMessage::Status(_) => "status",
             PeerMessage::StateTransfer(_) => "state_transfer",
             PeerMessage::Committed(_) => "committed",
+            PeerMessage::Suspect(_) => "suspect",
         }
     }
 }
