@@ -33,16 +33,11 @@ pub struct AppExecState {
     pub recovering: bool,
     /// Replicas found faulty at the last verdict (reimaged).
     pub faulty: BTreeSet<ExecIndex>,
-}
-
-/// What executing a reconfiguration asks of host agents.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transition {
-    pub app: AppId,
-    /// The epoch the commands carry (the new one).
-    pub epoch: Epoch,
+    /// What the reconfiguration that started this epoch asks of host agents.
+    /// Replicated, so a replica that skipped the reconfiguration by state
+    /// transfer still sends (and re-sends) the same commands.
     pub commands: Vec<(ExecIndex, HostAction)>,
-    /// Replicas that became active and need the stable checkpoint and replay.
+    /// Replicas that became active at this epoch and start from the stable checkpoint.
     pub woken: Vec<ExecIndex>,
 }
 
@@ -69,6 +64,8 @@ impl ExecTable {
                         active: active.clone(),
                         recovering: false,
                         faulty: BTreeSet::new(),
+                        commands: Vec::new(),
+                        woken: Vec::new(),
                     };
                     (*a, st)
                 })
@@ -90,16 +87,22 @@ impl ExecTable {
         Some(s)
     }
 
-    /// Applies an ordered reconfiguration whose proofs were already verified.
-    /// A stale one (for an older epoch) changes nothing: it was overtaken.
-    pub fn apply(&mut self, r: &Reconfigure) -> Option<Transition> {
+    /// Applies an ordered reconfiguration whose proofs were already verified;
+    /// returns whether it took effect. A stale one (for an older epoch)
+    /// changes nothing: it was overtaken.
+    pub fn apply(&mut self, r: &Reconfigure) -> bool {
         let per_app = self.replicas_per_app;
         let keep = self.f as usize + 1;
-        let st = self.apps.get_mut(&r.app)?;
+        let Some(st) = self.apps.get_mut(&r.app) else {
+            return false;
+        };
+        let Some(first) = r.proofs.first() else {
+            return false;
+        };
         if r.epoch != st.epoch {
-            return None;
+            return false;
         }
-        let verdict = match &r.proofs.first()?.body.evidence {
+        let verdict = match &first.body.evidence {
             Evidence::Verdict { faulty } => Some(faulty.iter().copied().collect::<BTreeSet<_>>()),
             _ => None,
         };
@@ -142,12 +145,9 @@ impl ExecTable {
                 st.faulty = faulty;
             }
         }
-        Some(Transition {
-            app: r.app,
-            epoch: st.epoch,
-            commands,
-            woken,
-        })
+        st.commands = commands;
+        st.woken = woken;
+        true
     }
 }
 
@@ -197,6 +197,8 @@ pub fn verify_reconfigure(
 struct Returned {
     sent_ms: u64,
     digests: BTreeMap<ExecIndex, Digest>,
+    /// When the order was last re-sent to the replicas that had not answered.
+    retransmitted_ms: u64,
 }
 
 /// An agreement replica's local view of one remote app's execution replicas.
@@ -214,8 +216,19 @@ pub struct Monitor {
     pub stable: Option<ExecCheckpointCert>,
     /// Reconfigurations ready to be ordered.
     pub ready_reconfigs: BTreeMap<Epoch, Reconfigure>,
-    /// When this replica last saw a suspicion take effect (for metrics).
-    pub last_detect_ms: Option<u64>,
+    /// When our own suspect was last re-sent.
+    own_resent_ms: u64,
+    /// Roots every execution replica reported for the stable checkpoint,
+    /// and when it became stable: evidence for verdicts when no order is
+    /// left to compare.
+    stable_votes: BTreeMap<ExecIndex, Digest>,
+    stable_ms: u64,
+    /// When the current epoch's watch began.
+    rewatch_ms: u64,
+    /// The epoch of the replicated table this monitor last acted on.
+    pub epoch_seen: Epoch,
+    /// When this replica last sent the current epoch's host commands.
+    pub commands_sent_ms: u64,
 }
 
 /// A conclusion of the monitor that this replica should sign.
@@ -235,18 +248,52 @@ impl Monitor {
             order.app_seq,
             Returned {
                 sent_ms: now_ms,
-                digests: BTreeMap::new(),
+                ..Default::default()
             },
         );
         self.orders.insert(order.app_seq, order);
     }
 
-    /// After waking replicas: every order since the stable checkpoint is
-    /// replayed, so all of them are watched again, keeping digests already seen.
+    /// After a reconfiguration every order since the stable checkpoint is
+    /// sent again to the whole active set (replicas answer repeated orders
+    /// from their result cache), so all of them are watched again, keeping
+    /// the digests already seen and restarting the clock.
     pub fn rewatch_all(&mut self, now_ms: u64) {
+        self.rewatch_ms = now_ms;
         for s in self.orders.keys() {
-            self.returned.entry(*s).or_default().sent_ms = now_ms;
+            let r = self.returned.entry(*s).or_default();
+            r.sent_ms = now_ms;
+            r.retransmitted_ms = now_ms;
         }
+        // Orders below the stable checkpoint cannot be replayed: stop watching them.
+        let orders = &self.orders;
+        self.returned.retain(|s, _| orders.contains_key(s));
+    }
+
+    /// Orders that some active replicas have not answered for half the
+    /// timeout: re-send them to those replicas (messages get lost), at most
+    /// once per half timeout.
+    pub fn retransmissions(
+        &mut self,
+        active: &BTreeSet<ExecIndex>,
+        now_ms: u64,
+        min_timeout_ms: u64,
+    ) -> Vec<(ExecIndex, Order)> {
+        let half = self.timeout_ms(min_timeout_ms) / 2;
+        let mut out = Vec::new();
+        for (seq, r) in self.returned.iter_mut() {
+            if now_ms.saturating_sub(r.sent_ms.max(r.retransmitted_ms)) < half {
+                continue;
+            }
+            let Some(order) = self.orders.get(seq) else {
+                continue;
+            };
+            r.retransmitted_ms = now_ms;
+            for i in active.iter().filter(|i| !r.digests.contains_key(i)) {
+                out.push((*i, order.clone()));
+            }
+        }
+        out
     }
 
     pub fn record(&mut self, app_seq: AppSeq, exec: ExecIndex, digest: Digest) {
@@ -270,6 +317,13 @@ impl Monitor {
             return None;
         }
         let timeout = self.timeout_ms(min_timeout_ms);
+        if recovering {
+            let c = self.verdict(active, f, now_ms, timeout);
+            if c.is_some() {
+                self.suspected_epoch = Some(epoch);
+            }
+            return c;
+        }
         let mut done = Vec::new();
         let mut conclusion = None;
         for (seq, r) in &self.returned {
@@ -280,31 +334,6 @@ impl Monitor {
                 .filter(|(i, _)| active.contains(i))
                 .map(|(i, d)| (*i, *d))
                 .collect();
-            if recovering {
-                // Find the digest f+1 replicas agree on; everyone else is
-                // faulty once they answered differently or the timeout passed.
-                let mut counts: BTreeMap<Digest, usize> = BTreeMap::new();
-                for (_, d) in &from_active {
-                    *counts.entry(*d).or_default() += 1;
-                }
-                let Some((good, _)) = counts.iter().find(|(_, c)| **c > f) else {
-                    continue;
-                };
-                let all_answered = from_active.len() == active.len();
-                if !all_answered && waited < timeout {
-                    continue;
-                }
-                let faulty: Vec<ExecIndex> = active
-                    .iter()
-                    .filter(|i| r.digests.get(i) != Some(good))
-                    .copied()
-                    .collect();
-                conclusion = Some(Conclusion {
-                    app_seq: *seq,
-                    evidence: Evidence::Verdict { faulty },
-                });
-                break;
-            }
             let distinct: BTreeSet<Digest> = from_active.iter().map(|(_, d)| *d).collect();
             if distinct.len() > 1 {
                 conclusion = Some(Conclusion {
@@ -348,17 +377,87 @@ impl Monitor {
         conclusion
     }
 
+    /// With every replica awake: once every watched order has a digest f+1
+    /// replicas agree on and every active replica answered it (or the timeout
+    /// passed), the replicas that ever disagreed or stayed silent are faulty.
+    fn verdict(
+        &self,
+        active: &BTreeSet<ExecIndex>,
+        f: usize,
+        now_ms: u64,
+        timeout: u64,
+    ) -> Option<Conclusion> {
+        let mut faulty = BTreeSet::new();
+        let mut last = None;
+        // A checkpoint that became stable in this epoch: replicas that did
+        // not reach its root in time are faulty too.
+        if let Some(stable) = self
+            .stable
+            .as_ref()
+            .filter(|_| self.stable_ms >= self.rewatch_ms)
+        {
+            let all_voted = active.iter().all(|i| self.stable_votes.contains_key(i));
+            if all_voted || now_ms.saturating_sub(self.stable_ms) >= timeout {
+                faulty.extend(
+                    active
+                        .iter()
+                        .filter(|i| self.stable_votes.get(i) != Some(&stable.root)),
+                );
+                last = Some(stable.app_seq);
+            } else if self.returned.is_empty() {
+                return None;
+            }
+        }
+        for (seq, r) in &self.returned {
+            let mut counts: BTreeMap<Digest, usize> = BTreeMap::new();
+            for (i, d) in &r.digests {
+                if active.contains(i) {
+                    *counts.entry(*d).or_default() += 1;
+                }
+            }
+            let good = counts.iter().find(|(_, c)| **c > f).map(|(d, _)| *d)?;
+            let all_answered = active.iter().all(|i| r.digests.contains_key(i));
+            if !all_answered && now_ms.saturating_sub(r.sent_ms) < timeout {
+                return None;
+            }
+            faulty.extend(active.iter().filter(|i| r.digests.get(i) != Some(&good)));
+            last = Some(*seq);
+        }
+        // More than f "faulty" means a correct replica is merely slow: wait.
+        if faulty.len() > f {
+            return None;
+        }
+        Some(Conclusion {
+            app_seq: last?,
+            evidence: Evidence::Verdict {
+                faulty: faulty.into_iter().collect(),
+            },
+        })
+    }
+
     /// Records a verified suspect; returns a reconfiguration once f+1
     /// consistent ones for the current epoch are in.
     pub fn add_suspect(&mut self, s: Signed<Suspect>, current_epoch: Epoch, f: usize) {
         let e = s.body.epoch;
-        if e != current_epoch {
+        // Suspects for the next epochs are kept: a peer may execute the
+        // reconfiguration before we do.
+        if e < current_epoch || e > current_epoch + 2 {
             return;
         }
-        let by_replica = self.suspects.entry(e).or_default();
-        by_replica.entry(s.body.replica).or_insert(s);
-        // Group consistent suspects: all wake requests, or verdicts naming
-        // the same faulty set.
+        self.suspects
+            .entry(e)
+            .or_default()
+            .entry(s.body.replica)
+            .or_insert(s);
+        self.collect(current_epoch, f);
+    }
+
+    /// Forms a reconfiguration once f+1 consistent suspects for the current
+    /// epoch are in: all wake requests, or verdicts naming the same faulty set.
+    fn collect(&mut self, epoch: Epoch, f: usize) {
+        let Some(by_replica) = self.suspects.get(&epoch) else {
+            return;
+        };
         let mut groups: BTreeMap<Option<Vec<ExecIndex>>, Vec<Signed<Suspect>>> = BTreeMap::new();
         for p in by_replica.values() {
             let key = match &p.body.evidence {
@@ -369,18 +468,36 @@ impl Monitor {
         }
         if let Some(proofs) = groups.into_values().find(|g| g.len() > f) {
             let app = proofs[0].body.app;
-            self.ready_reconfigs.entry(e).or_insert(Reconfigure {
+            self.ready_reconfigs.entry(epoch).or_insert(Reconfigure {
                 app,
-                epoch: e,
+                epoch,
                 proofs: proofs.into_iter().take(f + 1).collect(),
             });
         }
     }
 
+    /// Our own suspect for `epoch`, re-sent every `every_ms` while the
+    /// reconfiguration it asks for has not executed (suspects can be lost).
+    pub fn resend_own(
+        &mut self,
+        epoch: Epoch,
+        me: ReplicaId,
+        now_ms: u64,
+        every_ms: u64,
+    ) -> Option<Signed<Suspect>> {
+        let own = self.suspects.get(&epoch)?.get(&me)?.clone();
+        if now_ms < self.own_resent_ms + every_ms {
+            return None;
+        }
+        self.own_resent_ms = now_ms;
+        Some(own)
+    }
+
     /// A reconfiguration for `epoch` executed: forget what belonged to older epochs.
-    pub fn epoch_changed(&mut self, new_epoch: Epoch) {
+    pub fn epoch_changed(&mut self, new_epoch: Epoch, f: usize) {
         self.suspects = self.suspects.split_off(&new_epoch);
         self.ready_reconfigs = self.ready_reconfigs.split_off(&new_epoch);
+        self.collect(new_epoch, f);
     }
 
     /// Records a signed execution checkpoint from an execution replica;
@@ -392,6 +509,7 @@ impl Monitor {
         sig: Signature,
         exec_keys: &[VerifyingKey],
         f: usize,
+        now_ms: u64,
     ) -> Result<Option<ExecCheckpointCert>, CheckpointError> {
         let key = exec_keys
             .get(ck.exec as usize)
@@ -400,12 +518,13 @@ impl Monitor {
         if !zz_wire::crypto::verify_signature(key, EXEC_CHECKPOINT_DOMAIN, &bytes, &sig) {
             return Err(CheckpointError::BadSignature);
         }
-        if self
-            .stable
-            .as_ref()
-            .is_some_and(|s| s.app_seq >= ck.app_seq)
-        {
-            return Ok(None);
+        if let Some(stable) = &self.stable {
+            if stable.app_seq == ck.app_seq {
+                self.stable_votes.entry(ck.exec).or_insert(ck.root);
+            }
+            if stable.app_seq >= ck.app_seq {
+                return Ok(None);
+            }
         }
         let votes = self.checkpoints.entry(ck.app_seq).or_default();
         votes.entry(ck.exec).or_insert((ck.root, sig));
@@ -421,8 +540,13 @@ impl Monitor {
                 root: ck.root,
                 proofs: matching,
             };
+            self.stable_votes = votes.iter().map(|(i, (r, _))| (*i, *r)).collect();
+            self.stable_ms = now_ms;
             self.orders = self.orders.split_off(&(ck.app_seq + 1));
             self.checkpoints = self.checkpoints.split_off(&(ck.app_seq + 1));
+            // f+1 replicas reached the same state there: what happened
+            // before it can neither be replayed nor needs watching.
+            self.returned = self.returned.split_off(&(ck.app_seq + 1));
             self.stable = Some(cert.clone());
             return Ok(Some(cert));
         }
@@ -443,6 +567,27 @@ impl Monitor {
             .collect();
         let distinct: BTreeSet<Digest> = from_active.iter().map(|(_, r)| *r).collect();
         (distinct.len() > 1).then_some(from_active)
+    }
+
+    /// A one-line account of what is being watched, for diagnostics.
+    pub fn summary(&self) -> String {
+        let watched: Vec<String> = self
+            .returned
+            .iter()
+            .map(|(s, r)| format!("{s}@{}:{:?}", r.sent_ms, r.digests))
+            .collect();
+        format!(
+            "orders={:?} stable={:?} suspected={:?} suspects={:?} ready={:?} watched=[{}]",
+            self.orders.keys().collect::<Vec<_>>(),
+            self.stable.as_ref().map(|c| c.app_seq),
+            self.suspected_epoch,
+            self.suspects
+                .iter()
+                .map(|(e, m)| (*e, m.len()))
+                .collect::<Vec<_>>(),
+            self.ready_reconfigs.keys().collect::<Vec<_>>(),
+            watched.join(" ")
+        )
     }
 
     /// Records that this replica signed a suspect for `epoch`.

@@ -336,6 +336,15 @@ impl Replica {
     pub fn metrics(&self) -> &ReplicaMetrics {
         &self.metrics
     }
+    /// Diagnostics of the execution monitor of a remote app.
+    pub fn monitor_summary(&self, app: AppId) -> Option<String> {
+        self.monitors.get(&app).map(Monitor::summary)
+    }
+
+    /// The replicated execution state of a remote app.
+    pub fn exec_state(&self, app: AppId) -> Option<&crate::execution::AppExecState> {
+        self.service.exec.apps.get(&app)
+    }
     pub fn pending_requests(&self) -> usize {
         self.pending.len()
     }
@@ -886,15 +895,61 @@ impl Replica {
 
     /// Executes an ordered reconfiguration: the same at every correct replica.
     fn apply_reconfigure(&mut self, r: &Reconfigure) {
-        let Some(t) = self.service.exec.apply(r) else {
+        if self.service.exec.apply(r) {
+            self.metrics.reconfigurations += 1;
+            self.enter_exec_epoch(r.app);
+        }
+    }
+
+    /// Acts on the app's current epoch of the replicated table, reached by
+    /// executing a reconfiguration or by state transfer: sends the host
+    /// commands, re-watches and re-sends every order since the stable
+    /// checkpoint to the active set, and gives woken replicas the checkpoint.
+    fn enter_exec_epoch(&mut self, app: AppId) {
+        let Some(st) = self.service.exec.apps.get(&app) else {
             return;
         };
-        self.metrics.reconfigurations += 1;
-        tracing::info!(replica = self.id, app = t.app, epoch = t.epoch, commands = ?t.commands, "reconfiguring execution replicas");
-        for (exec, action) in &t.commands {
+        let (epoch, active, woken) = (st.epoch, st.active.clone(), st.woken.clone());
+        tracing::info!(replica = self.id, app, epoch, commands = ?st.commands, ?active, "execution replicas reconfigured");
+        self.send_host_commands(app);
+        let now = self.now_ms;
+        let f = self.f;
+        let Some(m) = self.monitors.get_mut(&app) else {
+            return;
+        };
+        m.epoch_seen = epoch;
+        m.epoch_changed(epoch, f);
+        m.rewatch_all(now);
+        // Woken replicas get the stable checkpoint; every active replica gets
+        // every order since it (those that executed them answer from cache),
+        // so the new active set's digests can be compared.
+        for index in active {
+            let to = ExecId { app, index };
+            if woken.contains(&index) {
+                if let Some(cert) = &m.stable {
+                    self.ready
+                        .exec
+                        .push((to, ExecMessage::Stable(cert.clone())));
+                }
+            }
+            for order in m.orders.values() {
+                self.ready
+                    .exec
+                    .push((to, ExecMessage::Order(order.clone())));
+            }
+        }
+    }
+
+    /// Signs and sends the current epoch's host commands. Re-sent
+    /// periodically: a host acts once on f+1 of them and ignores the rest.
+    fn send_host_commands(&mut self, app: AppId) {
+        let Some(st) = self.service.exec.apps.get(&app) else {
+            return;
+        };
+        for (exec, action) in &st.commands {
             let cmd = HostCommand {
-                app: t.app,
-                epoch: t.epoch,
+                app,
+                epoch: st.epoch,
                 exec: *exec,
                 action: *action,
                 replica: self.id,
@@ -903,28 +958,8 @@ impl Replica {
                 .host_commands
                 .push(Signed::sign(cmd, &self.keys.key));
         }
-        let recovering = self.service.exec.apps[&t.app].recovering;
-        let now = self.now_ms;
-        let Some(m) = self.monitors.get_mut(&t.app) else {
-            return;
-        };
-        m.epoch_changed(t.epoch);
-        if recovering {
-            m.rewatch_all(now);
-        }
-        // Woken replicas get the stable checkpoint, then every order since.
-        for index in t.woken {
-            let to = ExecId { app: t.app, index };
-            if let Some(cert) = &m.stable {
-                self.ready
-                    .exec
-                    .push((to, ExecMessage::Stable(cert.clone())));
-            }
-            for order in m.orders.values() {
-                self.ready
-                    .exec
-                    .push((to, ExecMessage::Order(order.clone())));
-            }
+        if let Some(m) = self.monitors.get_mut(&app) {
+            m.commands_sent_ms = self.now_ms;
         }
     }
 
@@ -952,10 +987,7 @@ impl Replica {
                 if e.exec != from.index || e.app != from.app {
                     return Err(bad);
                 }
-                let Some(order) = m.orders.get(&e.app_seq) else {
-                    return Ok(()); // older than the stable checkpoint
-                };
-                if e.replies.len() > order.requests.len() {
+                if e.replies.len() > self.opts.tuning.batch_max_requests {
                     return Err(bad);
                 }
                 m.record(e.app_seq, e.exec, e.digest);
@@ -972,7 +1004,7 @@ impl Replica {
                     return Err(bad);
                 }
                 let keys = &self.opts.remote_apps[&from.app];
-                let stable = m.add_checkpoint(ck, sig, keys, self.f)?;
+                let stable = m.add_checkpoint(ck, sig, keys, self.f, self.now_ms)?;
                 if let Some(conflict) = m.checkpoint_conflict(ck.app_seq, &active) {
                     let ev = Evidence::Mismatch { digests: conflict };
                     self.suspect(from.app, epoch, ck.app_seq, ev);
@@ -1005,6 +1037,33 @@ impl Replica {
         let Some(m) = self.monitors.get_mut(&app) else {
             return;
         };
+        if now >= m.commands_sent_ms + 5 * self.opts.tuning.status_interval_ms {
+            self.send_host_commands(app);
+            return;
+        }
+        let Some(m) = self.monitors.get_mut(&app) else {
+            return;
+        };
+        if let Some(own) = m.resend_own(epoch, self.id, now, min) {
+            self.send(Target::All, PeerMessage::Suspect(own));
+            return;
+        }
+        let retransmit = m.retransmissions(&active, now, min);
+        // A replica that missed orders may have missed the stable checkpoint
+        // it must start from, too.
+        let lagging: BTreeSet<_> = retransmit.iter().map(|(i, _)| *i).collect();
+        if let Some(cert) = &m.stable {
+            for index in lagging {
+                self.ready
+                    .exec
+                    .push((ExecId { app, index }, ExecMessage::Stable(cert.clone())));
+            }
+        }
+        for (index, order) in retransmit {
+            self.ready
+                .exec
+                .push((ExecId { app, index }, ExecMessage::Order(order)));
+        }
         if let Some(c) = m.evaluate(epoch, &active, recovering, f, now, min) {
             self.suspect(app, epoch, c.app_seq, c.evidence);
         }
@@ -1049,8 +1108,8 @@ impl Replica {
         let Some(st) = self.service.exec.apps.get(&s.body.app) else {
             return Err(crate::execution::BadReconfigure::UnknownApp(s.body.app).into());
         };
-        if s.body.epoch != st.epoch {
-            return Ok(()); // stale, or from an epoch we have not reached
+        if s.body.epoch < st.epoch {
+            return Ok(()); // stale
         }
         if !s.verify(&self.keys.replica_public) {
             return Err(Rejected::BadSignature("suspect"));
@@ -1327,6 +1386,22 @@ impl Replica {
         self.own_checkpoints
             .insert(cert.seq, (cert.state, st.snapshot.clone()));
         self.install_stable(st.cert, st.snapshot);
+        // The transferred state may hold reconfigurations we never executed.
+        let moved: Vec<AppId> = self
+            .monitors
+            .iter()
+            .filter(|(a, m)| {
+                self.service
+                    .exec
+                    .apps
+                    .get(a)
+                    .is_some_and(|st| st.epoch != m.epoch_seen)
+            })
+            .map(|(a, _)| *a)
+            .collect();
+        for app in moved {
+            self.enter_exec_epoch(app);
+        }
         // Requests executed in the transferred state are no longer pending.
         let replies = &self.service.replies;
         self.pending

@@ -4,4 +4,5 @@
 
 pub mod byzantine;
 pub mod checker;
+pub mod exec_sim;
 pub mod sim;

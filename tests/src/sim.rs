@@ -21,6 +21,12 @@ use zz_wire::{ClientId, ReplicaId};
 
 use crate::byzantine::{Behaviour, Byzantine};
 use crate::checker::{Ack, Checker, Violation};
+use crate::exec_sim::{ExecFault, SimExecutor, SimHost};
+use zz_wire::crypto::MacKey;
+use zz_wire::exec::{
+    ExecEnvelope, ExecId, ExecIndex, ExecMessage, ExecRoute, HostAction, HostCommand,
+};
+use zz_wire::message::Signed;
 
 /// Parameters of one simulated run.
 #[derive(Clone, Debug)]
@@ -36,6 +42,18 @@ pub struct SimConfig {
     pub max_ms: u64,
     /// Test-only: correct replicas commit on this many commits instead of 2f+1.
     pub broken_commit_quorum: Option<usize>,
+    /// Run the app on 2f+1 simulated execution replicas (f+1 active) with
+    /// these faulty ones, instead of inside the agreement replicas.
+    pub exec: Option<ExecScenario>,
+}
+
+/// Faulty execution replicas of a run, and how they fail.
+#[derive(Clone, Debug)]
+pub struct ExecScenario {
+    pub fault: ExecFault,
+    pub faulty: Vec<ExecIndex>,
+    /// When the fault starts.
+    pub at_ms: u64,
 }
 
 impl SimConfig {
@@ -49,6 +67,7 @@ impl SimConfig {
             faulty_ms: 2_000,
             max_ms: 120_000,
             broken_commit_quorum: None,
+            exec: None,
         }
     }
 }
@@ -68,6 +87,8 @@ pub struct Outcome {
 pub enum Node {
     Replica(ReplicaId),
     Client(usize),
+    Executor(ExecIndex),
+    Host,
 }
 
 #[derive(Clone, Debug)]
@@ -75,6 +96,8 @@ pub enum Wire {
     Peer(PeerEnvelope),
     Request(ClientRequest),
     Reply(Reply),
+    Exec(ExecEnvelope),
+    HostCommand(Signed<HostCommand>),
 }
 
 #[derive(Debug)]
@@ -84,6 +107,8 @@ enum Event {
     ClientTimer { client: usize, req_id: u64 },
     Crash(ReplicaId),
     Restart(ReplicaId),
+    ExecTick(ExecIndex),
+    ExecFault,
 }
 
 struct NetParams {
@@ -99,6 +124,8 @@ struct SimClient {
     done: usize,
     outstanding: Option<(Request, u64)>,
     replies: BTreeMap<ReplicaId, Vec<u8>>,
+    /// MAC keys shared with each execution replica.
+    exec_mac: Vec<MacKey>,
 }
 
 pub struct ReplicaSlot {
@@ -123,6 +150,26 @@ pub struct Sim {
     checker: Checker,
     outcome: Outcome,
     tuning: AgreementTuning,
+    executors: Vec<SimExecutor>,
+    host: SimHost,
+    exec_pubs: Vec<ed25519_dalek::VerifyingKey>,
+    replica_pubs: Vec<ed25519_dalek::VerifyingKey>,
+}
+
+/// Agreement replica options for a run.
+fn options(
+    n: usize,
+    f: usize,
+    tuning: &AgreementTuning,
+    exec_pubs: &[ed25519_dalek::VerifyingKey],
+) -> ReplicaOptions {
+    let mut opts = ReplicaOptions::new(n, f, tuning.clone());
+    opts.max_inflight_batches = 2;
+    if !exec_pubs.is_empty() {
+        opts.remote_apps.insert(0, exec_pubs.to_vec());
+        opts.exec_timeout_min_ms = 300;
+    }
+    opts
 }
 
 pub const TICK_MS: u64 = 10;
@@ -157,6 +204,19 @@ impl Sim {
             .iter()
             .map(|(id, k)| (*id, k.public()))
             .collect();
+        let exec_keys: Vec<KeyPair> = if cfg.exec.is_some() {
+            (0..2 * cfg.f + 1)
+                .map(|i| {
+                    let mut s = [0u8; 32];
+                    s[0] = i as u8;
+                    s[1] = 0xE7;
+                    KeyPair::from_seed(s)
+                })
+                .collect()
+        } else {
+            vec![]
+        };
+        let exec_pubs: Vec<_> = exec_keys.iter().map(|k| k.public()).collect();
         let tuning = AgreementTuning {
             batch_max_requests: 4,
             window: 16,
@@ -177,8 +237,7 @@ impl Sim {
             .iter()
             .enumerate()
             .map(|(i, rk)| {
-                let mut opts = ReplicaOptions::new(n, cfg.f, tuning.clone());
-                opts.max_inflight_batches = 2;
+                let opts = options(n, cfg.f, &tuning, &exec_pubs);
                 let mut replica = Replica::new(opts, rk.clone(), new_service());
                 let byzantine = if byz_ids.contains(&(i as ReplicaId)) {
                     Some(Byzantine::new(cfg.behaviour, rk.clone(), n))
@@ -208,6 +267,23 @@ impl Sim {
                 done: 0,
                 outstanding: None,
                 replies: BTreeMap::new(),
+                exec_mac: exec_pubs.iter().map(|p| k.shared_mac_key(p)).collect(),
+            })
+            .collect();
+        let executors = exec_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let id = ExecId {
+                    app: 0,
+                    index: i as ExecIndex,
+                };
+                let agreement_mac = pubs.iter().map(|p| k.shared_mac_key(p)).collect();
+                let client_mac = client_pubs
+                    .iter()
+                    .map(|(c, p)| (*c, k.shared_mac_key(p)))
+                    .collect();
+                SimExecutor::new(id, k.clone(), cfg.f, agreement_mac, client_mac, i <= cfg.f)
             })
             .collect();
         let net = NetParams {
@@ -232,6 +308,10 @@ impl Sim {
             checker: Checker::new(cfg.seed, correct),
             outcome: Outcome::default(),
             tuning,
+            executors,
+            host: SimHost::default(),
+            exec_pubs,
+            replica_pubs: pubs,
             cfg,
         }
     }
@@ -307,6 +387,13 @@ impl Sim {
             let back = at + self.rng.gen_range(200..3_000);
             self.schedule(back, Event::Restart(victim));
         }
+        if let Some(sc) = &self.cfg.exec {
+            let at = sc.at_ms;
+            self.schedule(at, Event::ExecFault);
+            for i in 0..self.executors.len() as ExecIndex {
+                self.schedule(i as u64, Event::ExecTick(i));
+            }
+        }
         while let Some(((at, _), ev)) = self.events.pop_first() {
             self.now = at;
             if self.now > self.cfg.max_ms {
@@ -314,13 +401,27 @@ impl Sim {
             }
             self.maybe_partition();
             self.handle(ev)?;
-            if self
+            let done = self
                 .clients
                 .iter()
-                .all(|c| c.done >= self.cfg.ops_per_client)
-            {
+                .all(|c| c.done >= self.cfg.ops_per_client);
+            if done && self.exec_settled() {
                 break;
             }
+        }
+        if self.cfg.exec.is_some() && !self.exec_settled() {
+            let states: Vec<_> = self
+                .replicas
+                .iter()
+                .map(|r| r.replica.exec_state(0).cloned())
+                .collect();
+            return Err(self.checker.violation(format!(
+                "execution replicas did not settle back to f+1 active with the faulty ones reimaged by {} ms; host log {:?}; states {states:?}",
+                self.now, &self.host.log[self.host.log.len().saturating_sub(12)..],
+            ) + &format!("; monitor of replica 0: {:?}; executors executed {:?}",
+                self.replicas[0].replica.monitor_summary(0),
+                self.executors.iter().map(|e| (e.executed, e.awake, e.wants_state.as_ref().map(|c| c.app_seq))).collect::<Vec<_>>()
+            )));
         }
         let incomplete: usize = self
             .clients
@@ -360,6 +461,35 @@ impl Sim {
             .map(|r| r.replica.metrics().state_transfers)
             .sum();
         Ok(self.outcome)
+    }
+
+    /// With faulty execution replicas: every correct agreement replica is
+    /// back to f+1 active replicas, none of them faulty, and the host agent
+    /// reimaged each faulty replica.
+    fn exec_settled(&self) -> bool {
+        let Some(sc) = &self.cfg.exec else {
+            return true;
+        };
+        let reimaged = sc
+            .faulty
+            .iter()
+            .all(|i| self.executors[*i as usize].reimaged > 0);
+        // A reimaged replica is correct again and may rejoin the active set.
+        let tables_ok = self
+            .replicas
+            .iter()
+            .filter(|r| r.byzantine.is_none())
+            .all(|r| {
+                r.replica.exec_state(0).is_some_and(|st| {
+                    !st.recovering
+                        && st.active.len() == self.cfg.f + 1
+                        && st
+                            .active
+                            .iter()
+                            .all(|i| self.executors[*i as usize].fault == ExecFault::None)
+                })
+            });
+        reimaged && tables_ok
     }
 
     fn maybe_partition(&mut self) {
@@ -422,7 +552,20 @@ impl Sim {
                     Wire::Request(req) => {
                         let _ = slot.replica.on_request(req);
                     }
-                    Wire::Reply(_) => {}
+                    Wire::Exec(env) => {
+                        let ExecRoute::ToAgreement { from, to } = env.route else {
+                            return Ok(());
+                        };
+                        if to != r || from.app != 0 || from.index as usize >= self.executors.len() {
+                            return Ok(());
+                        }
+                        let key = self.executors[from.index as usize].agreement_mac[r as usize];
+                        let Ok(msg) = env.open(&key) else {
+                            return Ok(());
+                        };
+                        let _ = slot.replica.on_exec(from, msg);
+                    }
+                    Wire::Reply(_) | Wire::HostCommand(_) => {}
                 }
                 self.drain(r)
             }
@@ -433,7 +576,56 @@ impl Sim {
                 self.outcome.messages_delivered += 1;
                 self.on_reply(c, reply)
             }
+            Event::Deliver {
+                to: Node::Executor(i),
+                wire: Wire::Exec(env),
+            } => {
+                self.outcome.messages_delivered += 1;
+                let ExecRoute::ToExecutor { from, to } = env.route else {
+                    return Ok(());
+                };
+                let ex = &mut self.executors[i as usize];
+                if to != ex.id || from as usize >= self.n {
+                    return Ok(());
+                }
+                let Ok(msg) = env.open(&ex.agreement_mac[from as usize]) else {
+                    return Ok(());
+                };
+                let out = ex.on_message(from, msg, &self.exec_pubs);
+                self.exec_send(i, out);
+                self.exec_fetch(i);
+                Ok(())
+            }
+            Event::Deliver {
+                to: Node::Host,
+                wire: Wire::HostCommand(cmd),
+            } => {
+                if let Some((id, action)) =
+                    self.host.on_command(&cmd, self.cfg.f, &self.replica_pubs)
+                {
+                    let ex = &mut self.executors[id.index as usize];
+                    match action {
+                        HostAction::Wake => ex.awake = true,
+                        HostAction::Sleep => ex.awake = false,
+                        HostAction::Reimage => ex.reimage(),
+                    }
+                }
+                Ok(())
+            }
             Event::Deliver { .. } => Ok(()),
+            Event::ExecTick(i) => {
+                self.schedule(self.now + 50, Event::ExecTick(i));
+                self.exec_fetch(i);
+                Ok(())
+            }
+            Event::ExecFault => {
+                if let Some(sc) = self.cfg.exec.clone() {
+                    for i in sc.faulty {
+                        self.executors[i as usize].fault = sc.fault;
+                    }
+                }
+                Ok(())
+            }
             Event::ClientTimer { client, req_id } => {
                 self.client_timer(client, req_id);
                 Ok(())
@@ -444,8 +636,7 @@ impl Sim {
             }
             Event::Restart(r) => {
                 let n = self.n;
-                let mut opts = ReplicaOptions::new(n, self.cfg.f, self.tuning.clone());
-                opts.max_inflight_batches = 2;
+                let opts = options(n, self.cfg.f, &self.tuning, &self.exec_pubs);
                 let slot = &mut self.replicas[r as usize];
                 let mut replica = Replica::restore(
                     opts,
@@ -478,6 +669,18 @@ impl Sim {
             if slot.byzantine.as_ref().is_some_and(|b| b.silent(self.now)) {
                 continue;
             }
+            for (to, msg) in &ready.exec {
+                if (to.index as usize) < self.executors.len() {
+                    let key = self.executors[to.index as usize].agreement_mac[r as usize];
+                    let env =
+                        ExecEnvelope::seal(ExecRoute::ToExecutor { from: r, to: *to }, msg, &key);
+                    self.send(Node::Replica(r), Node::Executor(to.index), Wire::Exec(env));
+                }
+            }
+            for cmd in &ready.host_commands {
+                self.send(Node::Replica(r), Node::Host, Wire::HostCommand(cmd.clone()));
+            }
+            let slot = &mut self.replicas[r as usize];
             let (envs, replies) = match slot.byzantine.as_mut() {
                 Some(b) => b.mutate(&mut self.rng, ready.messages, ready.replies),
                 None => {
@@ -500,11 +703,47 @@ impl Sim {
             };
             self.dispatch_raw(r, envs);
             for reply in replies {
-                let c = (reply.client - 1000) as usize;
-                if c < self.clients.len() {
+                let c = reply.client.saturating_sub(1000) as usize;
+                if reply.client >= 1000 && c < self.clients.len() {
                     self.send(Node::Replica(r), Node::Client(c), Wire::Reply(reply));
                 }
             }
+        }
+    }
+
+    /// Sends an execution replica's outputs to every agreement replica.
+    fn exec_send(&mut self, i: ExecIndex, out: Vec<ExecMessage>) {
+        let id = self.executors[i as usize].id;
+        for msg in out {
+            for r in 0..self.n as ReplicaId {
+                let key = self.executors[i as usize].agreement_mac[r as usize];
+                let env =
+                    ExecEnvelope::seal(ExecRoute::ToAgreement { from: id, to: r }, &msg, &key);
+                self.send(Node::Executor(i), Node::Replica(r), Wire::Exec(env));
+            }
+        }
+    }
+
+    /// A replica waiting for certified state asks its peers for their copy of
+    /// that checkpoint; it accepts only a copy matching the certified root.
+    fn exec_fetch(&mut self, i: ExecIndex) {
+        let Some(cert) = self.executors[i as usize].wants_state.clone() else {
+            return;
+        };
+        let copies: Vec<Vec<u8>> = self
+            .executors
+            .iter()
+            .enumerate()
+            .filter(|(j, e)| *j != i as usize && e.fault != ExecFault::Crashed)
+            .filter_map(|(_, e)| e.snapshots.get(&cert.app_seq).cloned())
+            .collect();
+        for snap in copies {
+            let ex = &mut self.executors[i as usize];
+            if ex.wants_state.is_none() {
+                break;
+            }
+            let out = ex.offer_state(cert.app_seq, &snap);
+            self.exec_send(i, out);
         }
     }
 
@@ -567,10 +806,20 @@ impl Sim {
         let Some((req, invoked)) = cl.outstanding.clone() else {
             return Ok(());
         };
-        if reply.req_id != req.req_id || reply.client != cl.id || reply.replica as usize >= self.n {
+        // Replies come from execution replicas when the app runs on them,
+        // from agreement replicas otherwise: verify with the matching key.
+        let keys = if self.cfg.exec.is_some() {
+            &cl.exec_mac
+        } else {
+            &cl.keys.replica_mac
+        };
+        if reply.req_id != req.req_id
+            || reply.client != cl.id
+            || reply.replica as usize >= keys.len()
+        {
             return Ok(());
         }
-        if !reply.verify(&cl.keys.replica_mac[reply.replica as usize]) {
+        if !reply.verify(&keys[reply.replica as usize]) {
             return Ok(());
         }
         cl.replies.insert(reply.replica, reply.result.clone());

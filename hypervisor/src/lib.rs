@@ -1,0 +1,29 @@
+//! zz's hypervisor layer: how a host agent (`zz-hostd`) holds execution
+//! replicas and when it may touch them (DESIGN §3, §6).
+//!
+//! - [`lifecycle`]: the [`ReplicaLifecycle`] trait every backend implements
+//!   (define, start, pause, resume, save, restore, destroy, reimage, state),
+//!   replica states, typed errors, and [`carry_out`], which maps an
+//!   authorized `Wake`/`Sleep`/`Reimage` to lifecycle calls.
+//! - [`process`]: the process backend, each replica a child process paused
+//!   with SIGSTOP/SIGCONT; the default on a laptop and for tests. A libvirt
+//!   backend (crate `virt`) is a later addition behind the same trait.
+//! - [`gate`]: the sans-IO [`CommandGate`]: a host command is carried out only
+//!   once f+1 distinct agreement replicas sent it, validly signed, so f
+//!   Byzantine agreement replicas can neither wake, pause nor destroy anything.
+//! - [`mod@bench`]: latency measurement of the process backend's operations.
+//!
+//! A host agent wires them together: decode a `Signed<HostCommand>`, feed it
+//! to [`CommandGate::on_command`], and for each [`gate::Verdict::Fire`] call
+//! [`carry_out`] on its backend inside `spawn_blocking`.
+
+pub mod bench;
+pub mod gate;
+pub mod lifecycle;
+pub mod process;
+
+pub use gate::{CommandGate, Fire, Ignored, Rejected, Verdict};
+pub use lifecycle::{
+    carry_out, DormantMode, LifecycleError, ReplicaLifecycle, ReplicaSpec, ReplicaState,
+};
+pub use process::{ProcessBackend, ProcessConfig};
