@@ -60,13 +60,71 @@ pub struct ClientEntry {
 }
 
 /// Kinds of built-in application.
-pub const KNOWN_APP_KINDS: &[&str] = &["null", "echo", "counter"];
+pub const KNOWN_APP_KINDS: &[&str] = &["null", "echo", "counter", "kv"];
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct AppEntry {
     pub id: AppId,
     pub name: String,
     pub kind: String,
+}
+
+/// A physical server with a host agent (`zz-hostd`) that runs execution replicas.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HostEntry {
+    pub name: String,
+    /// Where the host agent listens for agreement replicas.
+    pub addr: SocketAddr,
+    /// `process` (child processes) or `libvirt`.
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// libvirt connection URI (`qemu:///system`, `qemu+ssh://host/system`).
+    #[serde(default)]
+    pub libvirt_uri: Option<String>,
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+fn default_backend() -> String {
+    "process".into()
+}
+
+/// One execution replica of an app, placed on a host.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ExecutorEntry {
+    pub app: AppId,
+    /// `0..2f+1`; replicas `0..=f` start active, the rest dormant.
+    pub index: u32,
+    /// Name of the host (a `[[hosts]]` entry) that runs it.
+    pub host: String,
+    pub public_key: String,
+    /// Private key file, given to the replica by its host agent.
+    pub key_file: PathBuf,
+}
+
+/// Settings of execution replicas.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ExecutionTuning {
+    /// How dormant replicas wait: `paused` (in memory) or `saved` (on disk).
+    pub dormant: String,
+    /// App sequence numbers between execution checkpoints.
+    pub checkpoint_interval: u64,
+    /// Floor of the adaptive execution timeout.
+    pub timeout_min_ms: u64,
+    /// Allow `zzctl fault` drills (wrong replies, corrupt pages, crashes, slowness).
+    pub allow_fault_injection: bool,
+}
+
+impl Default for ExecutionTuning {
+    fn default() -> Self {
+        ExecutionTuning {
+            dormant: "paused".into(),
+            checkpoint_interval: 128,
+            timeout_min_ms: 200,
+            allow_fault_injection: false,
+        }
+    }
 }
 
 /// Protocol tuning; every field has a sensible default.
@@ -118,6 +176,12 @@ pub struct ClusterConfig {
     pub clients: Vec<ClientEntry>,
     #[serde(default)]
     pub apps: Vec<AppEntry>,
+    #[serde(default)]
+    pub hosts: Vec<HostEntry>,
+    #[serde(default)]
+    pub executors: Vec<ExecutorEntry>,
+    #[serde(default)]
+    pub execution: ExecutionTuning,
     /// Where relative paths are resolved; set when loading, not stored.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -234,6 +298,7 @@ impl ClusterConfig {
                 ));
             }
         }
+        self.validate_execution()?;
         let t = &self.agreement;
         if t.window == 0 || t.checkpoint_interval == 0 || t.window < t.checkpoint_interval {
             return Err(invalid(
@@ -245,6 +310,106 @@ impl ClusterConfig {
             return Err(invalid("agreement.batch_max_requests", "must be positive"));
         }
         Ok(())
+    }
+
+    fn validate_execution(&self) -> Result<(), ConfigError> {
+        let mut host_names = HashSet::new();
+        for (i, h) in self.hosts.iter().enumerate() {
+            if !host_names.insert(h.name.as_str()) {
+                return Err(invalid(
+                    format!("hosts[{i}].name"),
+                    format!("host `{}` is listed twice", h.name),
+                ));
+            }
+            if !["process", "libvirt"].contains(&h.backend.as_str()) {
+                return Err(invalid(
+                    format!("hosts[{i}].backend"),
+                    format!(
+                        "unknown backend `{}`; use `process` or `libvirt`",
+                        h.backend
+                    ),
+                ));
+            }
+        }
+        if !["paused", "saved"].contains(&self.execution.dormant.as_str()) {
+            return Err(invalid("execution.dormant", "must be `paused` or `saved`"));
+        }
+        let per_app = 2 * self.f + 1;
+        let mut seen = HashSet::new();
+        for (i, e) in self.executors.iter().enumerate() {
+            let field = format!("executors[{i}]");
+            if !self.apps.iter().any(|a| a.id == e.app) {
+                return Err(invalid(
+                    format!("{field}.app"),
+                    format!("no app with id {}", e.app),
+                ));
+            }
+            if e.index as usize >= per_app {
+                return Err(invalid(
+                    format!("{field}.index"),
+                    format!("must be below 2f+1 = {per_app}"),
+                ));
+            }
+            if !host_names.contains(e.host.as_str()) {
+                return Err(invalid(
+                    format!("{field}.host"),
+                    format!("no host named `{}` in [[hosts]]", e.host),
+                ));
+            }
+            if !seen.insert((e.app, e.index)) {
+                return Err(invalid(
+                    field,
+                    format!("app {} replica {} is listed twice", e.app, e.index),
+                ));
+            }
+            parse_public_key(&e.public_key)
+                .map_err(|err| invalid(format!("{field}.public_key"), err.to_string()))?;
+        }
+        for (i, app) in self.apps.iter().enumerate() {
+            let remote = self.executors.iter().any(|e| e.app == app.id);
+            if app.kind == "kv" && !remote {
+                return Err(invalid(
+                    format!("apps[{i}].kind"),
+                    "`kv` apps run on execution replicas: list 2f+1 [[executors]] for it (`zzctl init` does)",
+                ));
+            }
+            if remote && !["kv", "null"].contains(&app.kind.as_str()) {
+                return Err(invalid(
+                    format!("apps[{i}].kind"),
+                    format!(
+                        "`{}` runs inside the agreement replicas and cannot have [[executors]]",
+                        app.kind
+                    ),
+                ));
+            }
+        }
+        for app in self
+            .apps
+            .iter()
+            .filter(|a| self.executors.iter().any(|e| e.app == a.id))
+        {
+            let n = self.executors.iter().filter(|e| e.app == app.id).count();
+            if n != per_app {
+                return Err(invalid(
+                    "executors",
+                    format!(
+                        "app `{}` has {n} execution replicas; it needs exactly 2f+1 = {per_app}",
+                        app.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Public keys of an app's execution replicas, by index (empty if the
+    /// app runs inside the agreement replicas).
+    pub fn executor_public_keys(&self, app: AppId) -> Vec<VerifyingKey> {
+        let mut es: Vec<&ExecutorEntry> = self.executors.iter().filter(|e| e.app == app).collect();
+        es.sort_by_key(|e| e.index);
+        es.iter()
+            .map(|e| parse_public_key(&e.public_key).expect("validated"))
+            .collect()
     }
 
     pub fn replica_public_keys(&self) -> Vec<VerifyingKey> {

@@ -361,6 +361,10 @@ pub enum Frame {
     Peer(PeerEnvelope),
     Request(ClientRequest),
     Reply(Reply),
+    /// Between an agreement replica and an execution replica, through host agents.
+    Exec(crate::exec::ExecEnvelope),
+    /// From an agreement replica to a host agent.
+    HostCommand(Signed<crate::exec::HostCommand>),
 }
 
 #[cfg(test)]
