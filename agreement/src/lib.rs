@@ -9,10 +9,13 @@
 //!   execution moves to separate execution replicas.
 //! - [`driver`]: the tokio driver that owns sockets, disk and timers; the
 //!   `zz-agreement` daemon is a thin wrapper around it.
+//! - [`hostlink`]: the links to host agents that carry orders, stable
+//!   checkpoints and host commands to execution replicas, and their answers back.
 
 pub mod app;
 pub mod driver;
 pub mod execution;
+pub mod hostlink;
 pub mod persist;
 pub mod replica;
 pub mod viewchange;

@@ -2,17 +2,22 @@
 //! [`PersistOp`]s the sans-IO core emits and a driver stores (in sled, or in
 //! memory for simulation) before sending any message of the same `Ready`.
 //!
-//! Remembered: the view (so the replica never goes back), every pre-prepare it
-//! accepted or sent (so it never prepares two batches at one view and
-//! sequence number, nor, as primary, reuses a sequence number), its prepared
-//! certificates (so its view changes stay truthful), and the latest stable
-//! checkpoint with its state.
+//! Remembered: the view (so the replica never goes back); a vote floor, the
+//! highest sequence number it may have pre-prepared or prepared in that view
+//! (after a restart it abstains up to the floor in that view, so it never
+//! prepares two batches at one view and sequence number, nor, as primary,
+//! reuses a sequence number); its prepared certificates (so its view changes
+//! stay truthful); and the latest stable checkpoint with its state.
+//!
+//! The floor is the high watermark of the window, so it changes only when a
+//! checkpoint becomes stable or the view changes: on the critical path of a
+//! batch, the only disk flush is the one for its prepared certificate.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 use zz_wire::codec::{decode, encode};
-use zz_wire::message::{Batch, CheckpointCert, PrePrepare, PreparedCert, Signed};
+use zz_wire::message::{CheckpointCert, PreparedCert};
 use zz_wire::{Seq, View};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -22,9 +27,10 @@ pub enum PersistOp {
         view: View,
         active: bool,
     },
-    PrePrepare {
-        pre_prepare: Signed<PrePrepare>,
-        batch: Batch,
+    /// In `view`, the replica may have voted for sequence numbers up to `floor`.
+    VoteFloor {
+        view: View,
+        floor: Seq,
     },
     Prepared(PreparedCert),
     Stable {
@@ -39,8 +45,8 @@ pub enum PersistOp {
 pub struct PersistentState {
     pub view: View,
     pub view_active: bool,
+    pub vote_floor: Option<(View, Seq)>,
     pub stable: Option<(CheckpointCert, Vec<u8>)>,
-    pub pre_prepares: BTreeMap<Seq, (Signed<PrePrepare>, Batch)>,
     pub prepared: BTreeMap<Seq, PreparedCert>,
 }
 
@@ -51,17 +57,13 @@ impl PersistentState {
                 self.view = *view;
                 self.view_active = *active;
             }
-            PersistOp::PrePrepare { pre_prepare, batch } => {
-                self.pre_prepares
-                    .insert(pre_prepare.body.seq, (pre_prepare.clone(), batch.clone()));
-            }
+            PersistOp::VoteFloor { view, floor } => self.vote_floor = Some((*view, *floor)),
             PersistOp::Prepared(cert) => {
                 self.prepared
                     .insert(cert.pre_prepare.body.seq, cert.clone());
             }
             PersistOp::Stable { cert, snapshot } => {
                 let s = cert.seq;
-                self.pre_prepares.retain(|k, _| *k > s);
                 self.prepared.retain(|k, _| *k > s);
                 self.stable = Some((cert.clone(), snapshot.clone()));
             }
@@ -81,7 +83,6 @@ pub enum StorageError {
 pub struct SledStorage {
     path: String,
     meta: sled::Tree,
-    pre_prepares: sled::Tree,
     prepared: sled::Tree,
     db: sled::Db,
 }
@@ -96,7 +97,6 @@ impl SledStorage {
         let db = sled::open(path).map_err(err)?;
         Ok(SledStorage {
             meta: db.open_tree("meta").map_err(err)?,
-            pre_prepares: db.open_tree("pre_prepares").map_err(err)?,
             prepared: db.open_tree("prepared").map_err(err)?,
             db,
             path: p,
@@ -119,12 +119,9 @@ impl SledStorage {
                         .insert("view", encode(&(*view, *active)))
                         .map_err(|e| self.err(e))?;
                 }
-                PersistOp::PrePrepare { pre_prepare, batch } => {
-                    self.pre_prepares
-                        .insert(
-                            pre_prepare.body.seq.to_be_bytes(),
-                            encode(&(pre_prepare, batch)),
-                        )
+                PersistOp::VoteFloor { view, floor } => {
+                    self.meta
+                        .insert("vote_floor", encode(&(*view, *floor)))
                         .map_err(|e| self.err(e))?;
                 }
                 PersistOp::Prepared(cert) => {
@@ -137,11 +134,10 @@ impl SledStorage {
                         .insert("stable", encode(&(cert, serde_bytes::Bytes::new(snapshot))))
                         .map_err(|e| self.err(e))?;
                     let upto = (cert.seq + 1).to_be_bytes();
-                    for tree in [&self.pre_prepares, &self.prepared] {
-                        for k in tree.range(..upto).keys() {
-                            tree.remove(k.map_err(|e| self.err(e))?)
-                                .map_err(|e| self.err(e))?;
-                        }
+                    for k in self.prepared.range(..upto).keys() {
+                        self.prepared
+                            .remove(k.map_err(|e| self.err(e))?)
+                            .map_err(|e| self.err(e))?;
                     }
                 }
             }
@@ -164,16 +160,15 @@ impl SledStorage {
         } else {
             st.view_active = true;
         }
+        if let Some(v) = self.meta.get("vote_floor").map_err(|e| self.err(e))? {
+            let floor: (View, Seq) =
+                decode(&v).map_err(|_| StorageError::Corrupt("meta/vote_floor".into()))?;
+            st.vote_floor = Some(floor);
+        }
         if let Some(v) = self.meta.get("stable").map_err(|e| self.err(e))? {
             let (cert, snap): (CheckpointCert, serde_bytes::ByteBuf) =
                 decode(&v).map_err(|_| StorageError::Corrupt("meta/stable".into()))?;
             st.stable = Some((cert, snap.into_vec()));
-        }
-        for kv in self.pre_prepares.iter() {
-            let (k, v) = kv.map_err(|e| self.err(e))?;
-            let (pp, batch): (Signed<PrePrepare>, Batch) =
-                decode(&v).map_err(|_| StorageError::Corrupt(format!("pre_prepares/{k:?}")))?;
-            st.pre_prepares.insert(pp.body.seq, (pp, batch));
         }
         for kv in self.prepared.iter() {
             let (k, v) = kv.map_err(|e| self.err(e))?;
@@ -189,14 +184,15 @@ impl SledStorage {
 mod tests {
     use super::*;
     use zz_wire::crypto::KeyPair;
+    use zz_wire::message::{Batch, PrePrepare, Signed};
     use zz_wire::Digest;
 
     #[test]
     fn sled_round_trip_matches_in_memory_state() {
         let dir = tempfile::tempdir().unwrap();
         let key = KeyPair::from_seed([9; 32]);
-        let pp = |seq| {
-            Signed::sign(
+        let cert = |seq| PreparedCert {
+            pre_prepare: Signed::sign(
                 PrePrepare {
                     view: 1,
                     seq,
@@ -204,21 +200,21 @@ mod tests {
                     primary: 1,
                 },
                 &key,
-            )
+            ),
+            batch: Batch::default(),
+            prepares: vec![],
         };
         let ops = vec![
             PersistOp::View {
                 view: 1,
                 active: true,
             },
-            PersistOp::PrePrepare {
-                pre_prepare: pp(3),
-                batch: Batch::default(),
+            PersistOp::VoteFloor {
+                view: 1,
+                floor: 256,
             },
-            PersistOp::PrePrepare {
-                pre_prepare: pp(9),
-                batch: Batch::default(),
-            },
+            PersistOp::Prepared(cert(3)),
+            PersistOp::Prepared(cert(9)),
             PersistOp::Stable {
                 cert: CheckpointCert {
                     seq: 4,
@@ -240,9 +236,7 @@ mod tests {
         }
         let s = SledStorage::open(dir.path()).unwrap();
         assert_eq!(s.load().unwrap(), mem);
-        assert_eq!(
-            mem.pre_prepares.keys().copied().collect::<Vec<_>>(),
-            vec![9]
-        );
+        assert_eq!(mem.prepared.keys().copied().collect::<Vec<_>>(), vec![9]);
+        assert_eq!(mem.vote_floor, Some((1, 256)));
     }
 }

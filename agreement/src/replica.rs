@@ -212,6 +212,10 @@ pub struct Replica {
 
     service: Service,
     monitors: BTreeMap<AppId, Monitor>,
+    /// The durable (view, floor): in `view` we may have voted up to `floor`.
+    vote_floor: Option<(View, Seq)>,
+    /// After a restart: in this view, no votes up to this sequence number.
+    abstain: Option<(View, Seq)>,
     /// Reconfigurations this primary already put in a batch in this view.
     proposed_reconfigs: BTreeSet<(AppId, u64)>,
     ready: Ready,
@@ -290,6 +294,8 @@ impl Replica {
             service,
             monitors: remote.iter().map(|a| (*a, Monitor::default())).collect(),
             proposed_reconfigs: BTreeSet::new(),
+            vote_floor: None,
+            abstain: None,
             ready: Ready::default(),
             metrics: ReplicaMetrics::default(),
             opts,
@@ -299,12 +305,14 @@ impl Replica {
             r.stable.state = state_digest(&r.stable_snapshot);
             r.own_checkpoints = BTreeMap::from([(0, (r.stable.state, r.stable_snapshot.clone()))]);
         }
-        for (seq, (pp, batch)) in persisted.pre_prepares {
-            if seq > r.stable.seq && pp.body.view == r.view {
-                r.next_seq = r.next_seq.max(seq + 1);
-                let slot = r.slots.entry(seq).or_default();
-                slot.pre_prepare = Some((pp, batch));
+        if let Some((view, floor)) = persisted.vote_floor {
+            if view == r.view {
+                // We may have voted up to `floor` in this view and forgotten
+                // what: abstain there, and never reuse those numbers as primary.
+                r.abstain = Some((view, floor));
+                r.next_seq = r.next_seq.max(floor + 1);
             }
+            r.vote_floor = Some((view, floor));
         }
         if !r.view_active {
             r.vc_deadline = Some(0);
@@ -498,10 +506,7 @@ impl Replica {
                 },
                 &self.keys.key,
             );
-            self.persist(PersistOp::PrePrepare {
-                pre_prepare: pp.clone(),
-                batch: batch.clone(),
-            });
+            self.raise_vote_floor();
             self.send(
                 Target::All,
                 PeerMessage::PrePrepare(pp.clone(), batch.clone()),
@@ -655,17 +660,34 @@ impl Replica {
             return Err(Rejected::BadSignature("pre-prepare"));
         }
         self.verify_batch_requests(&batch)?;
+        if self
+            .abstain
+            .is_some_and(|(v, floor)| v == b.view && b.seq <= floor)
+        {
+            // Restarted: we may have prepared something else here before.
+            return Ok(());
+        }
         self.accept_pre_prepare(pp, batch);
         Ok(())
+    }
+
+    /// Makes sure the durable vote floor covers the window before we vote in
+    /// it; changes (and costs a flush) only when the window or view moves.
+    fn raise_vote_floor(&mut self) {
+        let want = (self.view, self.high_watermark());
+        if self.vote_floor.is_none_or(|f| f < want) {
+            self.vote_floor = Some(want);
+            self.persist(PersistOp::VoteFloor {
+                view: want.0,
+                floor: want.1,
+            });
+        }
     }
 
     /// Records a pre-prepare for the current view and, as a backup, prepares it.
     fn accept_pre_prepare(&mut self, pp: Signed<PrePrepare>, batch: Batch) {
         let b = pp.body;
-        self.persist(PersistOp::PrePrepare {
-            pre_prepare: pp.clone(),
-            batch: batch.clone(),
-        });
+        self.raise_vote_floor();
         let now = self.now_ms;
         let slot = self.slots.entry(b.seq).or_default();
         slot.created_ms = now;
@@ -863,7 +885,7 @@ impl Replica {
             Some(self.now_ms + self.timeout_ms())
         };
         self.catch_up.remove(&seq);
-        if seq % self.opts.tuning.checkpoint_interval == 0 {
+        if seq.is_multiple_of(self.opts.tuning.checkpoint_interval) {
             self.take_checkpoint(seq);
         }
     }
@@ -1154,7 +1176,7 @@ impl Replica {
         if b.replica as usize >= self.n {
             return Err(Rejected::UnknownReplica(b.replica));
         }
-        if b.seq % self.opts.tuning.checkpoint_interval != 0 {
+        if !b.seq.is_multiple_of(self.opts.tuning.checkpoint_interval) {
             return Err(Rejected::BadCheckpointSeq(b.seq));
         }
         if b.seq <= self.stable.seq {

@@ -39,6 +39,9 @@ pub struct Ack {
     pub completed_ms: u64,
 }
 
+/// A request's result and its position (seq, index in batch) in the log.
+type Expected = (Vec<u8>, (Seq, usize));
+
 pub struct Checker {
     seed: u64,
     correct: Vec<bool>,
@@ -115,7 +118,8 @@ impl Checker {
     /// Replays the committed log and checks every accepted result and the
     /// real-time order of accepted operations.
     pub fn final_check(&self) -> Result<(), Violation> {
-        let mut expected: HashMap<(ClientId, u64), (Vec<u8>, (Seq, usize))> = HashMap::new();
+        // (client, req_id) -> (result, position in the log)
+        let mut expected: HashMap<(ClientId, u64), Expected> = HashMap::new();
         let mut svc = Service::new(vec![(0, new_app("counter").expect("built-in"))]);
         let mut prev = 0;
         for (seq, (_, _, batch)) in &self.log {

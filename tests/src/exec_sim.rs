@@ -217,7 +217,7 @@ impl SimExecutor {
             self.results
                 .insert(next, (order.digest(), executed.clone()));
             out.push(ExecMessage::Executed(executed));
-            if next % EXEC_CHECKPOINT_INTERVAL == 0 {
+            if next.is_multiple_of(EXEC_CHECKPOINT_INTERVAL) {
                 let snap = self.service.snapshot();
                 let ck = ExecCheckpoint {
                     app: self.id.app,

@@ -1,0 +1,979 @@
+//! Recovery by on-demand state fetch (DESIGN §5): a [`RecoveryView`] over
+//! the local [`PageStore`] of a woken or rebuilt replica.
+//!
+//! Given a certified checkpoint `(seq C, root R)` and untrusted
+//! [`PageSource`]s:
+//!
+//! - Opening learns the page count bound by `R` (one verified node) and
+//!   returns at once; nothing proportional to the state size is waited for.
+//! - In the background, the tree nodes covering chunks of `2^chunk_level`
+//!   pages are fetched and verified against `R`, and compared with the local
+//!   tree. Only differing chunks get their leaf hashes fetched (verified
+//!   against `R`) and compared with the local pages' leaves; a differing
+//!   page is **missing**. Missing pages are fetched in batches, each page
+//!   checked against its verified leaf, with at most `max_in_flight`
+//!   requests outstanding, and written to the local store.
+//! - [`RecoveryView::read`] of a page not yet known good fetches that page
+//!   with its Merkle proof at once (it does not wait for the comparison) and
+//!   blocks until it is verified. A page is never returned unverified. While
+//!   such a read is waiting, the background issues no new requests, so
+//!   reads are not stalled behind it; and the page is handed to the reader
+//!   before it is written to the local store.
+//! - A source whose reply fails verification is reported
+//!   ([`RecoveryEvent::SourceFault`]) and excluded, and the request goes to
+//!   another source. Transport failures are reported and retried elsewhere
+//!   without exclusion.
+//!
+//! Writes by the executor go through [`RecoveryView::write`], which marks the
+//! page as present so a later background fetch does not overwrite it.
+
+use crate::merkle;
+use crate::proto::{self, FetchError, Request};
+use crate::source::PageSource;
+use crate::store::{PageStore, StoreError};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+use zz_wire::{Digest, Seq};
+
+/// A checkpoint certified by f+1 replicas (signatures checked by the caller).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Certificate {
+    pub seq: Seq,
+    pub root: Digest,
+}
+
+/// Tuning of a [`RecoveryView`].
+#[derive(Clone, Debug)]
+pub struct RecoveryConfig {
+    /// Background requests outstanding at once.
+    pub max_in_flight: usize,
+    /// Pages per background request.
+    pub batch_pages: usize,
+    /// Comparison granularity: a chunk covers `2^chunk_level` pages.
+    pub chunk_level: u32,
+    /// Passes over all sources before a request is given up.
+    pub max_rounds: usize,
+    /// Pause between passes (multiplied by the pass number).
+    pub retry_backoff: Duration,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig {
+            max_in_flight: 4,
+            batch_pages: 64,
+            chunk_level: 10,
+            max_rounds: 3,
+            retry_backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Largest node range asked in one request (2 MiB of hashes).
+const MAX_NODES: u64 = 1 << 16;
+/// Events kept until [`RecoveryView::take_events`]; later faults are only counted.
+const MAX_EVENTS: usize = 4096;
+
+/// Errors of a recovery view.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    #[error("page {index} is outside the certified state of {num_pages} pages")]
+    OutOfRange { index: u64, num_pages: u64 },
+    #[error("local state has {local} pages, more than the certified {certified}")]
+    LocalLarger { local: u64, certified: u64 },
+    #[error("no source left: every source was excluded as faulty")]
+    NoHonestSource,
+    #[error("no source answered after {rounds} rounds; last error: {last}")]
+    Unavailable { rounds: usize, last: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("pages were written during recovery; checkpoint {0} cannot be re-taken locally")]
+    Modified(Seq),
+    #[error("recovered state has root {got}, certified {expected}")]
+    RootMismatch { expected: Digest, got: Digest },
+    #[error("background fetch failed: {0}")]
+    Background(String),
+}
+
+/// Something a caller may want to log or count.
+#[derive(Debug)]
+pub enum RecoveryEvent {
+    /// A source failed a request; `excluded` if the reply proved it faulty.
+    SourceFault {
+        source: String,
+        error: FetchError,
+        excluded: bool,
+    },
+    /// The comparison finished; this many pages were missing.
+    Compared { missing: u64 },
+    /// Every page is present, or the background gave up (`error`).
+    Finished { fetched: u64, error: Option<String> },
+}
+
+/// Snapshot of a view's progress.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub num_pages: u64,
+    /// Pages known to match checkpoint C locally.
+    pub present: u64,
+    /// Pages known to differ and not yet fetched.
+    pub missing: u64,
+    /// Pages fetched and verified so far.
+    pub fetched: u64,
+    /// Source failures reported.
+    pub faults: u64,
+    pub compared: bool,
+    pub finished: bool,
+}
+
+const UNKNOWN: u8 = 0;
+const MISSING: u8 = 1;
+const PRESENT: u8 = 2;
+const STATE_MASK: u8 = 3;
+const IN_FLIGHT: u8 = 4;
+
+struct ViewState {
+    status: Vec<u8>,
+    /// Verified leaf hashes of missing pages.
+    leaf: HashMap<u64, Digest>,
+    /// Verified pages handed to readers but not yet in the store.
+    staged: HashMap<u64, Arc<Vec<u8>>>,
+    excluded: Vec<bool>,
+    events: Vec<RecoveryEvent>,
+    present: u64,
+    missing: u64,
+    fetched: u64,
+    faults: u64,
+    compared: bool,
+    outcome: Option<Result<(), String>>,
+    written: bool,
+}
+
+impl ViewState {
+    fn state(&self, i: u64) -> u8 {
+        self.status[i as usize] & STATE_MASK
+    }
+
+    fn in_flight(&self, i: u64) -> bool {
+        self.status[i as usize] & IN_FLIGHT != 0
+    }
+
+    fn set_in_flight(&mut self, i: u64, on: bool) {
+        let s = &mut self.status[i as usize];
+        *s = if on { *s | IN_FLIGHT } else { *s & !IN_FLIGHT };
+    }
+
+    fn set_state(&mut self, i: u64, new: u8) {
+        let old = self.state(i);
+        if old == new {
+            return;
+        }
+        match old {
+            PRESENT => self.present -= 1,
+            MISSING => self.missing -= 1,
+            _ => {}
+        }
+        match new {
+            PRESENT => self.present += 1,
+            MISSING => self.missing += 1,
+            _ => {}
+        }
+        let s = &mut self.status[i as usize];
+        *s = (*s & IN_FLIGHT) | new;
+        if new == PRESENT {
+            self.leaf.remove(&i);
+        }
+    }
+}
+
+struct Shared {
+    store: PageStore,
+    cert: Certificate,
+    num_pages: u64,
+    /// Local page count when the view opened; pages past it have no local copy.
+    local_pages: u64,
+    config: RecoveryConfig,
+    sources: Vec<Arc<dyn PageSource>>,
+    next_source: AtomicUsize,
+    /// Reads waiting on a fetch; the background holds back while non-zero.
+    demand: AtomicUsize,
+    st: Mutex<ViewState>,
+    cond: Condvar,
+    changed: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, ViewState> {
+        // A panic while holding the lock leaves only counters possibly stale;
+        // page data lives in the store, so carry on.
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        self.cond.notify_all();
+    }
+
+    fn report(&self, source: usize, error: FetchError) {
+        let excluded = error.is_fault();
+        let name = self.sources[source].name();
+        tracing::warn!(source = %name, excluded, "statefetch source failed: {error}");
+        let mut st = self.lock();
+        if excluded {
+            st.excluded[source] = true;
+        }
+        st.faults += 1;
+        // Bounded: a source failing over and over must not grow memory.
+        if st.events.len() < MAX_EVENTS {
+            st.events.push(RecoveryEvent::SourceFault {
+                source: name,
+                error,
+                excluded,
+            });
+        }
+    }
+
+    /// Sends `request` to one source after another until a reply passes
+    /// `check`; faulty sources are excluded, failing ones skipped this pass.
+    async fn ask<T>(
+        &self,
+        request: Request,
+        check: impl Fn(proto::Response) -> Result<T, FetchError>,
+    ) -> Result<T, RecoveryError> {
+        let k = self.sources.len();
+        let mut last = String::from("no source");
+        let rounds = self.config.max_rounds.max(1);
+        for round in 0..rounds {
+            if round > 0 {
+                tokio::time::sleep(self.config.retry_backoff * round as u32).await;
+            }
+            // Rotate the starting source to spread load over honest peers.
+            let first = self.next_source.fetch_add(1, Ordering::Relaxed);
+            let mut any = false;
+            for j in 0..k {
+                let i = (first + j) % k;
+                if self.lock().excluded[i] {
+                    continue;
+                }
+                any = true;
+                match self.sources[i].call(request.clone()).await.and_then(&check) {
+                    Ok(v) => return Ok(v),
+                    Err(e) => {
+                        last = e.to_string();
+                        self.report(i, e);
+                    }
+                }
+            }
+            if !any {
+                return Err(RecoveryError::NoHonestSource);
+            }
+        }
+        if self.lock().excluded.iter().all(|e| *e) {
+            return Err(RecoveryError::NoHonestSource);
+        }
+        Err(RecoveryError::Unavailable { rounds, last })
+    }
+
+    /// Waits while reads are waiting on fetches.
+    async fn yield_to_demand(&self) {
+        loop {
+            let mut changes = self.changed.subscribe();
+            if self.demand.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            let _ = changes.changed().await;
+        }
+    }
+
+    fn progress(&self, st: &ViewState) -> Progress {
+        Progress {
+            num_pages: self.num_pages,
+            present: st.present,
+            missing: st.missing,
+            fetched: st.fetched,
+            faults: st.faults,
+            compared: st.compared,
+            finished: st.outcome.is_some(),
+        }
+    }
+
+    /// Writes staged pages to the store (normally done by the fetch that
+    /// staged them, right after handing the page to its reader).
+    fn persist_staged(&self) -> Result<(), RecoveryError> {
+        let mut st = self.lock();
+        let staged: Vec<(u64, Arc<Vec<u8>>)> = st.staged.drain().collect();
+        let r = self
+            .store
+            .write_pages(staged.iter().map(|(i, d)| (*i, d.as_slice())));
+        if r.is_err() {
+            st.staged.extend(staged);
+        }
+        Ok(r?)
+    }
+}
+
+/// Clears the in-flight marks of pages when dropped, so that a cancelled
+/// fetch (view dropped, background stopped) never leaves readers waiting.
+struct InFlight {
+    sh: Arc<Shared>,
+    pages: Vec<u64>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.pages.is_empty() {
+            return;
+        }
+        {
+            let mut st = self.sh.lock();
+            for &p in &self.pages {
+                st.set_in_flight(p, false);
+            }
+        }
+        self.sh.notify();
+    }
+}
+
+/// One read waiting on a fetch (see [`Shared::demand`]).
+struct Demand(Arc<Shared>);
+
+impl Demand {
+    fn new(sh: Arc<Shared>) -> Demand {
+        sh.demand.fetch_add(1, Ordering::SeqCst);
+        Demand(sh)
+    }
+}
+
+impl Drop for Demand {
+    fn drop(&mut self) {
+        self.0.demand.fetch_sub(1, Ordering::SeqCst);
+        self.0.notify();
+    }
+}
+
+/// What a demand fetch tells its reader: the verified page, or `None` if the
+/// page became present meanwhile (read it again).
+type Delivery = Result<Option<Vec<u8>>, RecoveryError>;
+
+/// Fetches page `index` with its proof and verifies it against the root;
+/// hands it to the reader through `deliver`, then writes it to the store.
+async fn fetch_one(
+    mut guard: InFlight,
+    demand: Demand,
+    index: u64,
+    deliver: oneshot::Sender<Delivery>,
+) {
+    let sh = guard.sh.clone();
+    let (seq, root, n) = (sh.cert.seq, sh.cert.root, sh.num_pages);
+    let request = Request::Pages {
+        seq,
+        root,
+        indices: vec![index],
+        proofs: true,
+    };
+    let fetched = sh
+        .ask(request, |resp| {
+            let reply = proto::check_pages(seq, root, Some(n), &[index], resp)?;
+            proto::verify_with_proofs(&root, &reply)?;
+            Ok(reply)
+        })
+        .await;
+    let data = match fetched {
+        Ok(mut reply) => Arc::new(std::mem::take(&mut reply.pages[0].data)),
+        Err(e) => {
+            drop(guard);
+            drop(demand);
+            let _ = deliver.send(Err(e));
+            return;
+        }
+    };
+    let staged = {
+        let mut st = sh.lock();
+        st.set_in_flight(index, false);
+        guard.pages.clear();
+        if st.state(index) == PRESENT {
+            false
+        } else {
+            st.set_state(index, PRESENT);
+            st.staged.insert(index, data.clone());
+            st.fetched += 1;
+            true
+        }
+    };
+    drop(demand);
+    let _ = deliver.send(Ok(staged.then(|| data.as_ref().clone())));
+    if staged {
+        // Persist after the reader has its page. Only if still staged: an
+        // executor write since then must not be overwritten.
+        let mut st = sh.lock();
+        if st.staged.get(&index).is_some_and(|d| Arc::ptr_eq(d, &data)) {
+            match sh.store.write_page(index, &data) {
+                Ok(()) => {
+                    st.staged.remove(&index);
+                }
+                Err(e) => tracing::error!("statefetch: storing page {index}: {e}"),
+            }
+        }
+    }
+}
+
+/// Fetches a batch of missing pages (`guard.pages`, marked in flight by the
+/// caller) and verifies each against its verified leaf hash.
+async fn fetch_batch(mut guard: InFlight) -> Result<(), RecoveryError> {
+    let sh = guard.sh.clone();
+    let pages = guard.pages.clone();
+    let (seq, root, n) = (sh.cert.seq, sh.cert.root, sh.num_pages);
+    let leaves: Vec<Digest> = {
+        let st = sh.lock();
+        pages
+            .iter()
+            .map(|p| st.leaf.get(p).copied().unwrap_or(Digest::ZERO))
+            .collect()
+    };
+    let request = Request::Pages {
+        seq,
+        root,
+        indices: pages.clone(),
+        proofs: false,
+    };
+    let fetched = sh
+        .ask(request, |resp| {
+            let reply = proto::check_pages(seq, root, Some(n), &pages, resp)?;
+            proto::verify_with_leaves(&reply, &leaves)?;
+            Ok(reply)
+        })
+        .await;
+    let result = {
+        let mut st = sh.lock();
+        for &p in &pages {
+            st.set_in_flight(p, false);
+        }
+        guard.pages.clear();
+        match fetched {
+            Ok(reply) => {
+                // Under the view lock, so an executor write cannot slip in
+                // between the check and the store write.
+                let fresh: Vec<&proto::PageData> = reply
+                    .pages
+                    .iter()
+                    .filter(|p| st.state(p.index) != PRESENT)
+                    .collect();
+                let r = sh
+                    .store
+                    .write_pages(fresh.iter().map(|p| (p.index, p.data.as_slice())));
+                if r.is_ok() {
+                    for p in &fresh {
+                        st.set_state(p.index, PRESENT);
+                    }
+                    st.fetched += fresh.len() as u64;
+                }
+                r.map_err(RecoveryError::from)
+            }
+            Err(e) => Err(e),
+        }
+    };
+    sh.notify();
+    result
+}
+
+/// Compares pages `[a, b)` with the verified leaves of C; returns the pages
+/// found missing.
+async fn compare_chunk(sh: Arc<Shared>, a: u64, b: u64) -> Result<Vec<u64>, RecoveryError> {
+    let (seq, root, n) = (sh.cert.seq, sh.cert.root, sh.num_pages);
+    let mut remote = Vec::with_capacity((b - a) as usize);
+    let mut start = a;
+    while start < b {
+        let count = (b - start).min(MAX_NODES) as u32;
+        let request = Request::Nodes {
+            seq,
+            root,
+            level: 0,
+            start,
+            count,
+        };
+        let range = sh
+            .ask(request, |resp| {
+                proto::check_nodes(seq, root, Some(n), (0, start, count), resp)
+            })
+            .await?;
+        remote.extend(range.nodes);
+        start += u64::from(count);
+    }
+    let local_end = b.min(sh.local_pages);
+    let local = if a < local_end {
+        let store = sh.store.clone();
+        tokio::task::spawn_blocking(move || store.current_leaves(a, local_end))
+            .await
+            .map_err(|e| RecoveryError::Background(e.to_string()))??
+    } else {
+        Vec::new()
+    };
+    let mut missing = Vec::new();
+    {
+        let mut st = sh.lock();
+        for i in a..b {
+            if st.state(i) != UNKNOWN {
+                continue;
+            }
+            let k = (i - a) as usize;
+            if i < local_end && local[k] == remote[k] {
+                st.set_state(i, PRESENT);
+            } else {
+                st.leaf.insert(i, remote[k]);
+                st.set_state(i, MISSING);
+                missing.push(i);
+            }
+        }
+    }
+    sh.notify();
+    Ok(missing)
+}
+
+enum Work {
+    Compared(Vec<u64>),
+    Fetched,
+}
+
+fn mark_compared(sh: &Shared) {
+    let mut st = sh.lock();
+    if !st.compared {
+        st.compared = true;
+        let missing = st.missing;
+        st.events.push(RecoveryEvent::Compared { missing });
+    }
+}
+
+async fn run_background(sh: Arc<Shared>) -> Result<(), RecoveryError> {
+    let (seq, root, n) = (sh.cert.seq, sh.cert.root, sh.num_pages);
+    if n == 0 {
+        mark_compared(&sh);
+        return Ok(());
+    }
+    // 1. Compare at chunk granularity: equal chunk nodes mean equal pages.
+    let level = sh.config.chunk_level.min(merkle::depth(n));
+    let chunks = merkle::level_len(level, n);
+    let mut todo: VecDeque<(u64, u64)> = VecDeque::new();
+    let mut start = 0;
+    while start < chunks {
+        sh.yield_to_demand().await;
+        let count = (chunks - start).min(MAX_NODES) as u32;
+        let request = Request::Nodes {
+            seq,
+            root,
+            level: level as u8,
+            start,
+            count,
+        };
+        let range = sh
+            .ask(request, |resp| {
+                proto::check_nodes(seq, root, Some(n), (level as u8, start, count), resp)
+            })
+            .await?;
+        for (k, remote) in range.nodes.iter().enumerate() {
+            let c = start + k as u64;
+            let (a, b) = (c << level, ((c + 1) << level).min(n));
+            if sh.store.clean_node(level, c)? == Some(*remote) {
+                let mut st = sh.lock();
+                for i in a..b {
+                    if st.state(i) == UNKNOWN {
+                        st.set_state(i, PRESENT);
+                    }
+                }
+            } else {
+                todo.push_back((a, b));
+            }
+        }
+        start += u64::from(count);
+    }
+    sh.notify();
+
+    // 2. Compare differing chunks leaf by leaf and fetch what is missing,
+    // with bounded concurrency; comparisons and fetches share the bound.
+    let max = sh.config.max_in_flight.max(1);
+    let batch = sh.config.batch_pages.max(1);
+    let mut queue: VecDeque<u64> = VecDeque::new();
+    let mut tasks: JoinSet<Result<Work, RecoveryError>> = JoinSet::new();
+    let mut comparing = 0usize;
+    loop {
+        if tasks.len() < max {
+            sh.yield_to_demand().await;
+        }
+        while tasks.len() < max {
+            let want_fetch = queue.len() >= batch || (todo.is_empty() && !queue.is_empty());
+            if want_fetch {
+                let pages: Vec<u64> = {
+                    let mut st = sh.lock();
+                    let mut pages = Vec::with_capacity(batch);
+                    while pages.len() < batch {
+                        let Some(p) = queue.pop_front() else { break };
+                        if st.state(p) == MISSING && !st.in_flight(p) {
+                            st.set_in_flight(p, true);
+                            pages.push(p);
+                        }
+                    }
+                    pages
+                };
+                if !pages.is_empty() {
+                    // The guard travels with the task: if the task is
+                    // aborted, even before it first runs, the marks clear.
+                    let guard = InFlight {
+                        sh: sh.clone(),
+                        pages,
+                    };
+                    tasks.spawn(async move { fetch_batch(guard).await.map(|()| Work::Fetched) });
+                }
+            } else if let Some((a, b)) = todo.pop_front() {
+                comparing += 1;
+                let sh = sh.clone();
+                tasks.spawn(async move { compare_chunk(sh, a, b).await.map(Work::Compared) });
+            } else {
+                break;
+            }
+        }
+        if tasks.is_empty() {
+            // Sweep for pages left behind (a failed demand fetch, or one
+            // still in flight for a reader).
+            let mut changes = sh.changed.subscribe();
+            let (left, busy) = {
+                let st = sh.lock();
+                let mut left = Vec::new();
+                let mut busy = false;
+                for i in 0..n {
+                    match (st.state(i), st.in_flight(i)) {
+                        (PRESENT, _) => {}
+                        (_, true) => busy = true,
+                        (MISSING, false) => left.push(i),
+                        _ => {
+                            return Err(RecoveryError::Background(format!(
+                                "page {i} was never compared"
+                            )))
+                        }
+                    }
+                }
+                (left, busy)
+            };
+            if !left.is_empty() {
+                queue.extend(left);
+                continue;
+            }
+            if busy {
+                let _ = changes.changed().await;
+                continue;
+            }
+            break;
+        }
+        match tasks.join_next().await {
+            Some(Ok(Ok(Work::Compared(missing)))) => {
+                comparing -= 1;
+                queue.extend(missing);
+                if comparing == 0 && todo.is_empty() {
+                    mark_compared(&sh);
+                }
+            }
+            Some(Ok(Ok(Work::Fetched))) | None => {}
+            Some(Ok(Err(e))) => return Err(e),
+            Some(Err(e)) => return Err(RecoveryError::Background(e.to_string())),
+        }
+    }
+    mark_compared(&sh);
+    Ok(())
+}
+
+/// The state of checkpoint C, fetched on demand into the local store.
+///
+/// Dropping the view stops the background fetch (pages already stored stay).
+pub struct RecoveryView {
+    shared: Arc<Shared>,
+    runtime: tokio::runtime::Handle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+enum Claim {
+    /// Present: the staged copy if not yet in the store.
+    Present(Option<Arc<Vec<u8>>>),
+    Fetch,
+    Wait,
+}
+
+impl RecoveryView {
+    /// Opens a view of certified checkpoint `cert` over `store`, fetching
+    /// from `sources`. Must be called inside a tokio runtime; costs one
+    /// verified round trip (to learn the page count bound by the root).
+    pub async fn open(
+        store: PageStore,
+        cert: Certificate,
+        sources: Vec<Arc<dyn PageSource>>,
+        config: RecoveryConfig,
+    ) -> Result<RecoveryView, RecoveryError> {
+        let mut shared = Shared {
+            store,
+            cert,
+            num_pages: 0,
+            local_pages: 0,
+            config,
+            next_source: AtomicUsize::new(0),
+            demand: AtomicUsize::new(0),
+            st: Mutex::new(ViewState {
+                status: Vec::new(),
+                leaf: HashMap::new(),
+                staged: HashMap::new(),
+                excluded: vec![false; sources.len()],
+                events: Vec::new(),
+                present: 0,
+                missing: 0,
+                fetched: 0,
+                faults: 0,
+                compared: false,
+                outcome: None,
+                written: false,
+            }),
+            sources,
+            cond: Condvar::new(),
+            changed: watch::channel(0).0,
+        };
+        let (seq, root) = (cert.seq, cert.root);
+        // The root binds the page count, so any verified node settles it.
+        let n = if root == merkle::empty_root() {
+            0
+        } else {
+            let request = Request::Nodes {
+                seq,
+                root,
+                level: 0,
+                start: 0,
+                count: 1,
+            };
+            shared
+                .ask(request, |resp| {
+                    proto::check_nodes(seq, root, None, (0, 0, 1), resp)
+                })
+                .await?
+                .num_pages
+        };
+        let local = shared.store.num_pages()?;
+        if local > n {
+            return Err(RecoveryError::LocalLarger {
+                local,
+                certified: n,
+            });
+        }
+        shared.store.grow(n)?;
+        shared.num_pages = n;
+        shared.local_pages = local;
+        shared
+            .st
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .status = vec![UNKNOWN; n as usize];
+        let shared = Arc::new(shared);
+        let sh = shared.clone();
+        let task = tokio::spawn(async move {
+            let result = run_background(sh.clone()).await;
+            {
+                let mut st = sh.lock();
+                let fetched = st.fetched;
+                let error = result.as_ref().err().map(|e| e.to_string());
+                if let Some(e) = &error {
+                    tracing::warn!("statefetch background fetch stopped: {e}");
+                }
+                st.events.push(RecoveryEvent::Finished {
+                    fetched,
+                    error: error.clone(),
+                });
+                st.outcome = Some(match error {
+                    None => Ok(()),
+                    Some(e) => Err(e),
+                });
+            }
+            sh.notify();
+        });
+        Ok(RecoveryView {
+            shared,
+            runtime: tokio::runtime::Handle::current(),
+            task,
+        })
+    }
+
+    /// Pages in checkpoint C.
+    pub fn num_pages(&self) -> u64 {
+        self.shared.num_pages
+    }
+
+    pub fn certificate(&self) -> Certificate {
+        self.shared.cert
+    }
+
+    fn check_index(&self, index: u64) -> Result<(), RecoveryError> {
+        if index >= self.shared.num_pages {
+            return Err(RecoveryError::OutOfRange {
+                index,
+                num_pages: self.shared.num_pages,
+            });
+        }
+        Ok(())
+    }
+
+    fn claim(&self, st: &mut ViewState, index: u64) -> Claim {
+        if st.state(index) == PRESENT {
+            Claim::Present(st.staged.get(&index).cloned())
+        } else if st.in_flight(index) {
+            Claim::Wait
+        } else {
+            st.set_in_flight(index, true);
+            Claim::Fetch
+        }
+    }
+
+    /// Starts a demand fetch of `index` (claimed by the caller) on the runtime.
+    fn start_fetch(&self, index: u64) -> oneshot::Receiver<Delivery> {
+        let guard = InFlight {
+            sh: self.shared.clone(),
+            pages: vec![index],
+        };
+        let demand = Demand::new(self.shared.clone());
+        let (tx, rx) = oneshot::channel();
+        // A separate task, so that a caller giving up on the read cannot
+        // leave the page marked in flight.
+        self.runtime.spawn(fetch_one(guard, demand, index, tx));
+        rx
+    }
+
+    fn present(&self, index: u64, staged: Option<Arc<Vec<u8>>>) -> Result<Vec<u8>, RecoveryError> {
+        match staged {
+            Some(d) => Ok(d.as_ref().clone()),
+            None => Ok(self.shared.store.read_page(index)?),
+        }
+    }
+
+    /// Reads page `index`, fetching and verifying it first if it is not
+    /// known to be present.
+    pub async fn read(&self, index: u64) -> Result<Vec<u8>, RecoveryError> {
+        self.check_index(index)?;
+        loop {
+            let mut changes = self.shared.changed.subscribe();
+            let claim = self.claim(&mut self.shared.lock(), index);
+            match claim {
+                Claim::Present(staged) => return self.present(index, staged),
+                Claim::Fetch => {
+                    let delivered = self.start_fetch(index).await.map_err(|_| {
+                        RecoveryError::Background("fetch task ended early".into())
+                    })??;
+                    if let Some(page) = delivered {
+                        return Ok(page);
+                    }
+                }
+                Claim::Wait => {
+                    let _ = changes.changed().await;
+                }
+            }
+        }
+    }
+
+    /// [`read`](Self::read) for a thread outside the async runtime (for
+    /// example a synchronous executor). Do not call it on a runtime thread.
+    pub fn read_blocking(&self, index: u64) -> Result<Vec<u8>, RecoveryError> {
+        self.check_index(index)?;
+        let mut st = self.shared.lock();
+        loop {
+            match self.claim(&mut st, index) {
+                Claim::Present(staged) => {
+                    drop(st);
+                    return self.present(index, staged);
+                }
+                Claim::Wait => {
+                    st = self.shared.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                Claim::Fetch => {
+                    drop(st);
+                    let delivered = self.start_fetch(index).blocking_recv().map_err(|_| {
+                        RecoveryError::Background("fetch task ended early".into())
+                    })??;
+                    if let Some(page) = delivered {
+                        return Ok(page);
+                    }
+                    st = self.shared.lock();
+                }
+            }
+        }
+    }
+
+    /// Writes page `index` (executor writes during recovery); the page no
+    /// longer needs fetching. Indices past C's pages grow the state.
+    pub fn write(&self, index: u64, data: &[u8]) -> Result<(), RecoveryError> {
+        {
+            let mut st = self.shared.lock();
+            self.shared.store.write_page(index, data)?;
+            st.written = true;
+            if index < self.shared.num_pages {
+                st.staged.remove(&index);
+                st.set_state(index, PRESENT);
+            }
+        }
+        self.shared.notify();
+        Ok(())
+    }
+
+    pub fn progress(&self) -> Progress {
+        self.shared.progress(&self.shared.lock())
+    }
+
+    /// Takes the events recorded so far.
+    pub fn take_events(&self) -> Vec<RecoveryEvent> {
+        std::mem::take(&mut self.shared.lock().events)
+    }
+
+    /// Waits until every page is present (or the background gave up).
+    pub async fn wait_complete(&self) -> Result<Progress, RecoveryError> {
+        loop {
+            let mut changes = self.shared.changed.subscribe();
+            {
+                let st = self.shared.lock();
+                match &st.outcome {
+                    Some(Ok(())) => return Ok(self.shared.progress(&st)),
+                    Some(Err(e)) => return Err(RecoveryError::Background(e.clone())),
+                    None => {}
+                }
+            }
+            let _ = changes.changed().await;
+        }
+    }
+
+    /// Waits for completion, then takes checkpoint C on the local store and
+    /// checks that its root is the certified one. Only valid if nothing was
+    /// written through the view.
+    pub async fn finish(self) -> Result<Digest, RecoveryError> {
+        self.wait_complete().await?;
+        let cert = self.shared.cert;
+        if self.shared.lock().written {
+            return Err(RecoveryError::Modified(cert.seq));
+        }
+        let sh = self.shared.clone();
+        let root = tokio::task::spawn_blocking(move || {
+            sh.persist_staged()?;
+            Ok::<_, RecoveryError>(sh.store.checkpoint(cert.seq)?)
+        })
+        .await
+        .map_err(|e| RecoveryError::Background(e.to_string()))??;
+        if root != cert.root {
+            return Err(RecoveryError::RootMismatch {
+                expected: cert.root,
+                got: root,
+            });
+        }
+        Ok(root)
+    }
+}
+
+impl Drop for RecoveryView {
+    fn drop(&mut self) {
+        self.task.abort();
+        // Pages handed to readers but not yet stored are verified: keep them.
+        if let Err(e) = self.shared.persist_staged() {
+            tracing::error!("statefetch: storing fetched pages: {e}");
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Recovery against lying and failing sources: every kind of bad reply is
+//! rejected, reported, and the page is then obtained from an honest source.
+
+mod common;
+
+use common::{setup, truth, Liar, Lie};
+use std::sync::Arc;
+use zz_statefetch::proto::FetchError;
+use zz_statefetch::recovery::Progress;
+use zz_statefetch::{
+    LocalSource, PageSource, RecoveryConfig, RecoveryError, RecoveryEvent, RecoveryView,
+};
+
+const LIES: [Lie; 8] = [
+    Lie::CorruptPage,
+    Lie::PageOfOtherIndex,
+    Lie::Relabel,
+    Lie::WrongProof,
+    Lie::Stale,
+    Lie::ShortPage,
+    Lie::EverySecondPage,
+    Lie::WrongLeaves,
+];
+
+fn expected_error(lie: Lie, e: &FetchError) -> bool {
+    match lie {
+        Lie::CorruptPage | Lie::PageOfOtherIndex | Lie::EverySecondPage => {
+            matches!(
+                e,
+                FetchError::BadPage { .. } | FetchError::BadPageProof { .. }
+            )
+        }
+        Lie::Relabel => matches!(e, FetchError::WrongIndex { .. }),
+        Lie::WrongProof => matches!(e, FetchError::BadProof(_) | FetchError::BadPageProof { .. }),
+        Lie::Stale => matches!(e, FetchError::StaleCheckpoint { .. }),
+        Lie::ShortPage => matches!(e, FetchError::BadPageLength { .. }),
+        Lie::WrongLeaves => matches!(e, FetchError::BadProof(_)),
+    }
+}
+
+fn config() -> RecoveryConfig {
+    RecoveryConfig {
+        batch_pages: 8,
+        chunk_level: 4,
+        max_in_flight: 3,
+        ..Default::default()
+    }
+}
+
+fn liar_faults(events: &[RecoveryEvent], lie: Lie) -> Vec<&FetchError> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            RecoveryEvent::SourceFault {
+                source,
+                error,
+                excluded,
+            } if source.starts_with("liar") => {
+                assert!(*excluded, "a proven lie must exclude the source: {error}");
+                assert!(expected_error(lie, error), "{lie:?} reported as {error}");
+                Some(error)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_lie_is_rejected_then_the_honest_source_serves_the_page() {
+    for lie in LIES {
+        let s = setup(96, 3, 5);
+        let liar: Arc<dyn PageSource> = Arc::new(Liar::new(s.honest.clone(), lie));
+        let honest: Arc<dyn PageSource> = Arc::new(LocalSource::new(s.honest.clone(), "honest"));
+        let view = RecoveryView::open(s.local.clone(), s.cert, vec![liar, honest], config())
+            .await
+            .unwrap();
+        assert_eq!(view.num_pages(), s.n);
+        for &i in &s.changed {
+            assert_eq!(
+                view.read(i).await.unwrap(),
+                truth(&s, i),
+                "{lie:?} page {i}"
+            );
+        }
+        let progress = view.wait_complete().await.unwrap();
+        assert!(progress.finished && progress.compared);
+        assert_eq!(progress.present, s.n);
+        let events = view.take_events();
+        let faults = liar_faults(&events, lie);
+        assert!(!faults.is_empty(), "{lie:?}: liar was never caught");
+        for i in 0..s.n {
+            assert_eq!(
+                s.local.read_page(i).unwrap(),
+                truth(&s, i),
+                "{lie:?} page {i}"
+            );
+        }
+        assert_eq!(view.finish().await.unwrap(), s.cert.root);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_liar_never_gets_a_bad_page_accepted() {
+    for lie in LIES {
+        let s = setup(40, 2, 0);
+        let liar: Arc<dyn PageSource> = Arc::new(Liar::new(s.honest.clone(), lie));
+        let view = match RecoveryView::open(s.local.clone(), s.cert, vec![liar], config()).await {
+            Ok(v) => v,
+            Err(RecoveryError::NoHonestSource) => {
+                assert!(
+                    matches!(lie, Lie::Stale | Lie::WrongProof | Lie::WrongLeaves),
+                    "{lie:?}"
+                );
+                continue;
+            }
+            Err(e) => panic!("{lie:?}: {e}"),
+        };
+        let mut failed = false;
+        for &i in &s.changed {
+            match view.read(i).await {
+                Ok(data) => assert_eq!(data, truth(&s, i), "{lie:?}: unverified page returned"),
+                Err(RecoveryError::NoHonestSource) => failed = true,
+                Err(e) => panic!("{lie:?}: unexpected {e}"),
+            }
+        }
+        assert!(failed, "{lie:?}: the liar was never caught");
+        assert!(!liar_faults(&view.take_events(), lie).is_empty());
+        // Nothing unverified reached the store either.
+        for i in 0..s.n {
+            let local = s.local.read_page(i).unwrap();
+            assert!(
+                local == truth(&s, i) || local == common::page(i, 0),
+                "page {i} corrupted"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_second_page_liar_is_caught_and_pages_come_from_honest_peer() {
+    let s = setup(64, 1, 0); // every page differs
+    let liar = Arc::new(Liar::new(s.honest.clone(), Lie::EverySecondPage));
+    let sources: Vec<Arc<dyn PageSource>> = vec![
+        liar.clone(),
+        Arc::new(LocalSource::new(s.honest.clone(), "honest")),
+    ];
+    let view = RecoveryView::open(s.local.clone(), s.cert, sources, config())
+        .await
+        .unwrap();
+    for i in 0..s.n {
+        assert_eq!(view.read(i).await.unwrap(), truth(&s, i));
+    }
+    view.wait_complete().await.unwrap();
+    let events = view.take_events();
+    assert_eq!(
+        liar_faults(&events, Lie::EverySecondPage).len(),
+        1,
+        "excluded after first lie"
+    );
+    assert!(liar.pages_served.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    assert_eq!(view.finish().await.unwrap(), s.cert.root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_differing_pages_are_fetched() {
+    let s = setup(2048, 97, 0);
+    let honest: Arc<dyn PageSource> = Arc::new(LocalSource::new(s.honest.clone(), "honest"));
+    let view = RecoveryView::open(
+        s.local.clone(),
+        s.cert,
+        vec![honest],
+        RecoveryConfig::default(),
+    )
+    .await
+    .unwrap();
+    let Progress {
+        fetched, present, ..
+    } = view.wait_complete().await.unwrap();
+    assert_eq!(fetched, s.changed.len() as u64);
+    assert_eq!(present, s.n);
+    assert_eq!(view.finish().await.unwrap(), s.cert.root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_reads_writes_and_fresh_replica() {
+    // A rebuilt replica with an empty store recovers everything.
+    let s = setup(50, 5, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let empty = common::open(dir.path());
+    let honest: Arc<dyn PageSource> = Arc::new(LocalSource::new(s.honest.clone(), "honest"));
+    let view = Arc::new(
+        RecoveryView::open(empty.clone(), s.cert, vec![honest], config())
+            .await
+            .unwrap(),
+    );
+    let v = view.clone();
+    let want: Vec<Vec<u8>> = (0..s.n).map(|i| truth(&s, i)).collect();
+    let got = tokio::task::spawn_blocking(move || {
+        (0..v.num_pages())
+            .rev()
+            .map(|i| v.read_blocking(i).unwrap())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.into_iter().rev().collect::<Vec<_>>(), want);
+    // An executor write wins over the checkpoint contents.
+    view.write(3, &common::page(3, 77)).unwrap();
+    view.wait_complete().await.unwrap();
+    assert_eq!(view.read(3).await.unwrap(), common::page(3, 77));
+    assert!(matches!(
+        view.read(s.n).await,
+        Err(RecoveryError::OutOfRange { .. })
+    ));
+    let view = Arc::into_inner(view).unwrap();
+    assert!(matches!(
+        view.finish().await,
+        Err(RecoveryError::Modified(5))
+    ));
+}

@@ -1,0 +1,196 @@
+//! `zzctl`: the operator CLI of zz.
+//!
+//! ```text
+//! zzctl bench agreement --replicas 4 --clients 32 --duration 10 --payload 0
+//! zzctl bench statefetch --state-mib 1024 --dirty-pages 1000
+//! zzctl init --dir DIR [--f 1] [--clients 1]
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use zz_client::deploy::{write_local, DeployOptions};
+use zz_wire::config::AgreementTuning;
+use zzctl::bench::{run_agreement, AgreementBench};
+use zzctl::find_daemon;
+
+#[derive(Parser, Debug)]
+#[command(name = "zzctl", version, about = "Operate a zz BFT deployment")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Benchmarks; each prints one machine-readable line last.
+    #[command(subcommand)]
+    Bench(Bench),
+    /// Write keys and config for a local deployment on 127.0.0.1.
+    Init(InitArgs),
+    /// The page-serving peer process of `bench statefetch` (internal).
+    #[command(name = "__statefetch-serve", hide = true)]
+    StatefetchServe {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum Bench {
+    /// Throughput and latency of the agreement cluster alone (null app).
+    Agreement(AgreementArgs),
+    /// Checkpoint cost, verified fetch throughput and time to first read
+    /// of paged state (statefetch), against a peer process on loopback.
+    Statefetch(StatefetchArgs),
+}
+
+#[derive(Args, Debug)]
+struct StatefetchArgs {
+    /// Size of the application state.
+    #[arg(long, default_value_t = 1024)]
+    state_mib: u64,
+    /// Pages changed between the two checkpoints measured.
+    #[arg(long, default_value_t = 1000)]
+    dirty_pages: u64,
+}
+
+#[derive(Args, Debug)]
+struct AgreementArgs {
+    /// Agreement replicas (3f+1).
+    #[arg(long, default_value_t = 4)]
+    replicas: usize,
+    /// Closed-loop clients, each with one operation in flight.
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds of warm-up before measuring.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Bytes per operation.
+    #[arg(long, default_value_t = 0)]
+    payload: usize,
+    /// The zz-agreement executable (default: next to zzctl, or $ZZ_AGREEMENT_BIN).
+    #[arg(long)]
+    agreement_bin: Option<PathBuf>,
+    /// Keep the deployment (config, keys, logs, data) in this directory.
+    #[arg(long)]
+    keep_dir: Option<PathBuf>,
+    /// Client-side runtime threads (1: a single-threaded runtime).
+    #[arg(long, default_value_t = 1)]
+    client_threads: usize,
+    /// Runtime threads of each daemon (its default: 1).
+    #[arg(long)]
+    daemon_threads: Option<usize>,
+    /// The primary's limit of batches in flight.
+    #[arg(long)]
+    max_inflight_batches: Option<u64>,
+    /// Most requests per batch.
+    #[arg(long)]
+    batch_max_requests: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+struct InitArgs {
+    /// Directory to write (created if needed).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Faults tolerated; 3f+1 replicas are configured.
+    #[arg(long, default_value_t = 1)]
+    f: usize,
+    /// Clients to create keys for.
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging();
+    if let Err(e) = run(cli) {
+        eprintln!("zzctl: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Bench(Bench::Agreement(a)) => {
+            let agreement_bin = find_daemon("zz-agreement", a.agreement_bin, "ZZ_AGREEMENT_BIN")?;
+            let mut daemon_args = Vec::new();
+            if let Some(t) = a.daemon_threads {
+                daemon_args.extend(["--threads".to_string(), t.to_string()]);
+            }
+            if let Some(m) = a.max_inflight_batches {
+                daemon_args.extend(["--max-inflight-batches".to_string(), m.to_string()]);
+            }
+            let mut tuning = AgreementTuning::default();
+            if let Some(b) = a.batch_max_requests {
+                tuning.batch_max_requests = b;
+            }
+            let secs = |s: f64, what: &str| {
+                if s.is_finite() && s >= 0.0 {
+                    Ok(Duration::from_secs_f64(s))
+                } else {
+                    anyhow::bail!("--{what} must be a non-negative number of seconds")
+                }
+            };
+            let bench = AgreementBench {
+                replicas: a.replicas,
+                clients: a.clients,
+                duration: secs(a.duration, "duration")?,
+                warmup: secs(a.warmup, "warmup")?,
+                payload: a.payload,
+                agreement_bin,
+                daemon_args,
+                client_threads: a.client_threads,
+                tuning,
+                keep_dir: a.keep_dir,
+            };
+            let report = run_agreement(&bench)?;
+            eprintln!(
+                "zzctl bench: {} ops in {:.1} s, {} errors",
+                report.ops, report.seconds, report.errors
+            );
+            println!("{}", report.line());
+            Ok(())
+        }
+        Command::Bench(Bench::Statefetch(a)) => {
+            let exe = std::env::current_exe().context("locating the zzctl executable")?;
+            let peer = zz_statefetch::bench::PeerCommand::new(exe, &["__statefetch-serve"]);
+            let lines = zz_statefetch::bench::run(a.state_mib, a.dirty_pages, &peer)
+                .context("running the statefetch benchmark")?;
+            for line in lines {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::StatefetchServe { args } => {
+            zz_statefetch::bench::serve_main(args).context("serving pages for the benchmark")
+        }
+        Command::Init(i) => {
+            let opts = DeployOptions {
+                f: i.f,
+                clients: i.clients,
+                ..Default::default()
+            };
+            let d = write_local(&i.dir, &opts)
+                .with_context(|| format!("writing a deployment to {}", i.dir.display()))?;
+            println!("{}", d.config_path.display());
+            Ok(())
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
