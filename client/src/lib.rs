@@ -14,6 +14,14 @@
 //! request is retransmitted to all replicas, with the same `req_id` (the
 //! replicas de-duplicate it), until the operation timeout.
 //!
+//! Apps run by execution replicas (those with `[[executors]]` in the config)
+//! are answered by the execution replicas: `Reply::replica` is then the
+//! execution replica's index, the MAC is made with the key the client shares
+//! with that execution replica, and any agreement replica may relay it. For
+//! such an app ([`Client::set_executor_keys`], keys from
+//! [`executor_mac_keys`]) a result is accepted once f+1 distinct
+//! *execution* replicas sent it, whichever connections their replies came on.
+//!
 //! [`deploy`] writes the config and keys of a local deployment.
 
 pub mod deploy;
@@ -90,6 +98,8 @@ const READ_CHUNK: usize = 64 * 1024;
 /// A request waiting for f+1 matching replies.
 struct Pending {
     keys: Arc<[MacKey]>,
+    /// For an app run by execution replicas: the keys shared with them, by index.
+    exec_keys: Option<Arc<[MacKey]>>,
     votes: Vec<(ReplicaId, Vec<u8>)>,
     done: Option<oneshot::Sender<Vec<u8>>>,
 }
@@ -107,20 +117,29 @@ impl Table {
 
     /// A reply that arrived on the connection to replica `from`.
     fn on_reply(&self, from: ReplicaId, reply: Reply) {
-        if reply.replica != from {
-            tracing::debug!(from, claimed = reply.replica, "reply names another replica");
-            return;
-        }
         let key = (reply.client, reply.req_id);
         let mut table = self.lock();
         let Some(p) = table.get_mut(&key) else { return };
+        // Who vouches for the result: the agreement replica on whose
+        // connection it came, or, for an app run by execution replicas, the
+        // execution replica that MAC'd it (any agreement replica relays).
+        let (from, mac_key) = match &p.exec_keys {
+            Some(keys) => (reply.replica, keys.get(reply.replica as usize).copied()),
+            None => {
+                if reply.replica != from {
+                    tracing::debug!(from, claimed = reply.replica, "reply names another replica");
+                    return;
+                }
+                (from, p.keys.get(from as usize).copied())
+            }
+        };
         if p.votes.iter().any(|(r, _)| *r == from) {
             return;
         }
-        let Some(mac_key) = p.keys.get(from as usize) else {
+        let Some(mac_key) = mac_key else {
             return;
         };
-        if !reply.verify(mac_key) {
+        if !reply.verify(&mac_key) {
             tracing::debug!(from, client = reply.client, "reply with a bad MAC");
             return;
         }
@@ -267,6 +286,7 @@ impl Cluster {
         Ok(Client {
             id: keys.me,
             keys: keys.replica_mac.into(),
+            exec_keys: HashMap::new(),
             shared: self.shared.clone(),
             next_req_id: now_us.max(1),
         })
@@ -278,6 +298,7 @@ impl Cluster {
 pub struct Client {
     id: ClientId,
     keys: Arc<[MacKey]>,
+    exec_keys: HashMap<AppId, Arc<[MacKey]>>,
     shared: Arc<Shared>,
     next_req_id: u64,
 }
@@ -297,6 +318,13 @@ impl Drop for PendingGuard<'_> {
 impl Client {
     pub fn id(&self) -> ClientId {
         self.id
+    }
+
+    /// Declares `app` as run by execution replicas: its replies are checked
+    /// with `keys[i]`, the key this client shares with execution replica i,
+    /// and need f+1 distinct execution replicas.
+    pub fn set_executor_keys(&mut self, app: AppId, keys: Vec<MacKey>) {
+        self.exec_keys.insert(app, keys.into());
     }
 
     /// Executes `op` on app `app` and returns its result, once f+1 replicas agree on it.
@@ -332,6 +360,7 @@ impl Client {
             key,
             Pending {
                 keys: self.keys.clone(),
+                exec_keys: self.exec_keys.get(&app).cloned(),
                 votes: Vec::new(),
                 done: Some(tx),
             },
@@ -460,6 +489,40 @@ async fn read_loop(mut rd: OwnedReadHalf, idx: ReplicaId, table: &Table, max_fra
     }
 }
 
+/// The MAC keys client `me` shares with the execution replicas of every app
+/// the config runs on them (by app, then replica index), from the client's
+/// key file; pass each to [`Client::set_executor_keys`].
+pub fn executor_mac_keys(
+    cfg: &ClusterConfig,
+    me: ClientId,
+) -> Result<HashMap<AppId, Vec<MacKey>>, ClientError> {
+    let entry = cfg
+        .clients
+        .iter()
+        .find(|c| c.id == me)
+        .ok_or_else(|| ConfigError::Invalid {
+            field: "clients".into(),
+            message: format!("no client with id {me}"),
+        })?;
+    let path = entry
+        .key_file
+        .as_ref()
+        .map(|p| cfg.resolve(p))
+        .ok_or_else(|| ConfigError::Invalid {
+            field: format!("clients[id={me}].key_file"),
+            message: "missing".into(),
+        })?;
+    let key = zz_wire::config::read_key_file(&path)?;
+    let mut out = HashMap::new();
+    for app in &cfg.apps {
+        let pubs = cfg.executor_public_keys(app.id);
+        if !pubs.is_empty() {
+            out.insert(app.id, pubs.iter().map(|p| key.shared_mac_key(p)).collect());
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,6 +559,7 @@ mod tests {
             (ck.me, req_id),
             Pending {
                 keys: ck.replica_mac.clone().into(),
+                exec_keys: None,
                 votes: vec![],
                 done: Some(tx),
             },
@@ -533,5 +597,35 @@ mod tests {
         assert!(rx.try_recv().is_err());
         t.on_reply(1, reply(&rs, &ck, 1, 5, b"x"));
         assert_eq!(rx.try_recv().unwrap(), b"x");
+    }
+
+    #[test]
+    fn replies_of_execution_replicas_need_f_plus_one_distinct_executors() {
+        let (rs, ck) = keys(4);
+        let execs: Vec<KeyPair> = (0..3u8).map(|i| KeyPair::from_seed([i + 50; 32])).collect();
+        let c = KeyPair::from_seed([99; 32]);
+        let exec_keys: Vec<MacKey> = execs
+            .iter()
+            .map(|e| c.shared_mac_key(&e.public()))
+            .collect();
+        let _ = rs;
+        let (t, mut rx) = table_with(&ck, 5);
+        t.lock().get_mut(&(ck.me, 5)).unwrap().exec_keys = Some(exec_keys.clone().into());
+        let from_exec = |i: usize, result: &[u8]| {
+            Reply::new(0, i as ReplicaId, ck.me, 5, result.to_vec(), &exec_keys[i])
+        };
+        // Executor 0's reply relayed by two agreement replicas counts once.
+        t.on_reply(0, from_exec(0, b"v"));
+        t.on_reply(1, from_exec(0, b"v"));
+        assert!(rx.try_recv().is_err());
+        // A reply MAC'd with the agreement key (not the executor's) does not count.
+        t.on_reply(1, reply(&rs, &ck, 1, 5, b"v"));
+        assert!(rx.try_recv().is_err());
+        // A different result from executor 2 does not complete it either.
+        t.on_reply(2, from_exec(2, b"w"));
+        assert!(rx.try_recv().is_err());
+        // Executor 1, relayed by any agreement replica, makes f+1 = 2.
+        t.on_reply(3, from_exec(1, b"v"));
+        assert_eq!(rx.try_recv().unwrap(), b"v");
     }
 }

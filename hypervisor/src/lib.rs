@@ -12,6 +12,9 @@
 //!   once f+1 distinct agreement replicas sent it, validly signed, so f
 //!   Byzantine agreement replicas can neither wake, pause nor destroy anything.
 //! - [`mod@bench`]: latency measurement of the process backend's operations.
+//! - [`hostd`]: the host agent daemon (`zz-hostd`): runs this host's
+//!   execution replicas, relays their frames to and from agreement replicas
+//!   and between each other, and carries out authorized host commands.
 //!
 //! A host agent wires them together: decode a `Signed<HostCommand>`, feed it
 //! to [`CommandGate::on_command`], and for each [`gate::Verdict::Fire`] call
@@ -19,6 +22,7 @@
 
 pub mod bench;
 pub mod gate;
+pub mod hostd;
 pub mod lifecycle;
 pub mod process;
 

@@ -1,0 +1,678 @@
+//! The runtime of one execution replica process (the `zz-executor` binary):
+//! it connects the sans-IO [`ExecutionCore`] to the replica's one byte stream
+//! to its host agent (see [`crate::link`]).
+//!
+//! ```text
+//!  socket ──► reader task ──(bounded queue)──► core thread ──► writer task ──► socket
+//!              │  fetch requests: served from the local store (blocking pool)
+//!              └─ fetch responses: handed to the waiting PageSource call
+//! ```
+//!
+//! - The **core thread** owns the [`ExecutionCore`]. Storage access is
+//!   synchronous and a [`RecoveringState`] blocks on page fetches, so the core
+//!   runs on a thread of its own, never on a runtime worker. It drains every
+//!   envelope available, calls [`ExecutionCore::ready`], and sends what it
+//!   returns: messages for every agreement replica, answers to repeated orders
+//!   for one replica, after an injected delay if any.
+//! - **Recovery** (DESIGN §5): when the core reports a verified stable
+//!   checkpoint above its state (`stable_ahead`), the core thread opens a
+//!   [`RecoveringState`] of it whose page sources are the app's other
+//!   execution replicas, reached through the host agent, and installs it at
+//!   once: execution resumes after the checkpoint while pages are fetched on
+//!   demand (a read of a missing page blocks until it is fetched and
+//!   verified against the certificate) and in the background. Once every
+//!   page is present the plain store replaces the recovering view. A failed
+//!   attempt (no peer answered) is retried every [`ExecutorConfig::retry`].
+//! - The **reader task** decodes frames. Envelopes go to the core through a
+//!   bounded queue (when it is full, frames are dropped and counted: the
+//!   agreement replicas retransmit). Fetch requests from peers are answered
+//!   from this replica's retained checkpoints on the blocking pool, a few at
+//!   a time. Fetch responses complete the pending request with their id.
+//! - The **writer task** writes queued frames.
+//!
+//! The process exits when its stream closes (its host agent went away), on
+//! an injected crash, or on a local failure (storage). Malformed or
+//! misaddressed input is dropped and counted, never a panic.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use zz_statefetch::proto::{self, FetchError, Limits};
+use zz_statefetch::recovery::RecoveryEvent;
+use zz_statefetch::source::SourceFuture;
+use zz_statefetch::{
+    Certificate, PageSource, PageStore, RecoveryConfig, RecoveryView, Request, Response,
+    StoreConfig, StoreError,
+};
+use zz_wire::exec::{ExecCheckpointCert, ExecEnvelope, ExecId};
+use zz_wire::frame::FrameDecoder;
+
+use crate::app::AppSpec;
+use crate::link::{FetchBody, FetchFrame, LinkFrame, MAX_LINK_FRAME};
+use crate::pages::{RecoveringState, StateBackend};
+use crate::replica::{CoreError, ExecParams, ExecutionCore, Ready};
+
+/// Envelopes waiting for the core; more are dropped (and retransmitted).
+const CORE_QUEUE: usize = 8192;
+/// Fetch requests from peers served at once.
+const SERVE_CONCURRENCY: usize = 4;
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Everything one execution replica process needs.
+#[derive(Debug)]
+pub struct ExecutorConfig {
+    pub params: ExecParams,
+    pub app: AppSpec,
+    /// Directory of the replica's page store.
+    pub store_dir: PathBuf,
+    /// The host agent's unix socket for this replica.
+    pub socket: PathBuf,
+    /// Indices of the app's other execution replicas (page sources).
+    pub peers: Vec<u32>,
+    pub recovery: RecoveryConfig,
+    /// Deadline of one fetch request to a peer.
+    pub fetch_timeout: Duration,
+    /// How long to keep trying to connect to the socket.
+    pub connect_timeout: Duration,
+    /// Pause between recovery attempts that found no peer.
+    pub retry: Duration,
+    /// The core thread wakes at least this often (recovery progress).
+    pub tick: Duration,
+}
+
+impl ExecutorConfig {
+    /// A configuration with default timings; peers are every other index.
+    pub fn new(params: ExecParams, app: AppSpec, store_dir: PathBuf, socket: PathBuf) -> Self {
+        let n = params.exec_keys.len() as u32;
+        let me = params.index;
+        ExecutorConfig {
+            params,
+            app,
+            store_dir,
+            socket,
+            peers: (0..n).filter(|i| *i != me).collect(),
+            recovery: RecoveryConfig::default(),
+            fetch_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(30),
+            retry: Duration::from_secs(1),
+            tick: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Why the executor stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("cannot connect to the host agent's socket {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("page store {path}: {source}")]
+    Store { path: PathBuf, source: StoreError },
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error("the core thread stopped unexpectedly: {0}")]
+    Internal(String),
+}
+
+/// How the executor ended without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The host agent closed the stream.
+    StreamClosed,
+    /// An injected crash ([`crate::FaultPlan::crash_after`]).
+    Crashed,
+}
+
+/// Counters of a running executor.
+#[derive(Debug, Default)]
+pub struct ExecutorStats {
+    pub frames_in: AtomicU64,
+    /// Frames that did not decode or were misaddressed.
+    pub frames_bad: AtomicU64,
+    /// Envelopes dropped because the core's queue was full.
+    pub frames_dropped: AtomicU64,
+    pub envelopes_rejected: AtomicU64,
+    pub fetch_served: AtomicU64,
+    pub fetch_requested: AtomicU64,
+    pub recoveries: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+type Waiters = Mutex<HashMap<u64, (ExecId, oneshot::Sender<Response>)>>;
+
+/// What the reader, the writer, the core and the page sources share.
+struct Link {
+    me: ExecId,
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    waiting: Waiters,
+    next_id: AtomicU64,
+    stats: Arc<ExecutorStats>,
+}
+
+impl Link {
+    fn send(&self, frame: &LinkFrame) -> bool {
+        self.out.send(frame.to_bytes()).is_ok()
+    }
+
+    fn waiters(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, (ExecId, oneshot::Sender<Response>)>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A peer execution replica reached through the host agent: a
+/// [`PageSource`] for recovery. Untrusted like any source.
+struct PeerSource {
+    peer: ExecId,
+    link: Arc<Link>,
+    timeout: Duration,
+}
+
+/// Forgets a pending request however its call ends.
+struct Waiting<'a> {
+    link: &'a Link,
+    id: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.link.waiters().remove(&self.id);
+    }
+}
+
+impl PageSource for PeerSource {
+    fn name(&self) -> String {
+        format!("{} (via host agent)", self.peer)
+    }
+
+    fn call(&self, request: Request) -> SourceFuture<'_> {
+        Box::pin(async move {
+            let link = &*self.link;
+            let id = link.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            link.waiters().insert(id, (self.peer, tx));
+            let _guard = Waiting { link, id };
+            inc(&link.stats.fetch_requested);
+            let frame = LinkFrame::Fetch(FetchFrame {
+                from: link.me,
+                to: self.peer,
+                id,
+                body: FetchBody::Request(request),
+            });
+            if !link.send(&frame) {
+                return Err(FetchError::Closed);
+            }
+            match tokio::time::timeout(self.timeout, rx).await {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(_)) => Err(FetchError::Closed),
+                Err(_) => Err(FetchError::Timeout),
+            }
+        })
+    }
+}
+
+enum CoreInput {
+    Envelope(ExecEnvelope),
+    Stop,
+}
+
+/// Runs one execution replica until its stream closes. Must be called
+/// within a multi-threaded tokio runtime (the core thread blocks on it).
+pub async fn run(cfg: ExecutorConfig) -> Result<Exit, DriverError> {
+    run_with_stats(cfg, Arc::new(ExecutorStats::default())).await
+}
+
+/// [`run`], reporting into `stats`.
+pub async fn run_with_stats(
+    cfg: ExecutorConfig,
+    stats: Arc<ExecutorStats>,
+) -> Result<Exit, DriverError> {
+    let store_dir = cfg.store_dir.clone();
+    let store = tokio::task::spawn_blocking(move || {
+        PageStore::open(
+            &store_dir,
+            StoreConfig {
+                cache_capacity: 64 << 20,
+                ..StoreConfig::default()
+            },
+        )
+    })
+    .await
+    .map_err(|e| DriverError::Internal(e.to_string()))?
+    .map_err(|source| DriverError::Store {
+        path: cfg.store_dir.clone(),
+        source,
+    })?;
+    let me = ExecId {
+        app: cfg.params.app,
+        index: cfg.params.index,
+    };
+    let core = ExecutionCore::new(cfg.params.clone(), cfg.app.build(), Box::new(store.clone()))?;
+    tracing::info!(exec = %me, app = %cfg.app, executed = core.executed(), "state opened");
+
+    let stream = connect(&cfg.socket, cfg.connect_timeout).await?;
+    tracing::info!(exec = %me, socket = %cfg.socket.display(), "connected to the host agent");
+    let (rd, mut wr) = stream.into_split();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::spawn(async move {
+        while let Some(b) = out_rx.recv().await {
+            if wr.write_all(&b).await.is_err() {
+                return;
+            }
+            while let Ok(b) = out_rx.try_recv() {
+                if wr.write_all(&b).await.is_err() {
+                    return;
+                }
+            }
+            if wr.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let link = Arc::new(Link {
+        me,
+        out: out_tx,
+        waiting: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        stats: stats.clone(),
+    });
+
+    let (core_tx, core_rx) = std_mpsc::sync_channel::<CoreInput>(CORE_QUEUE);
+    let (done_tx, mut done_rx) = oneshot::channel();
+    let sources: Vec<Arc<dyn PageSource>> = cfg
+        .peers
+        .iter()
+        .map(|&index| {
+            Arc::new(PeerSource {
+                peer: ExecId { app: me.app, index },
+                link: link.clone(),
+                timeout: cfg.fetch_timeout,
+            }) as Arc<dyn PageSource>
+        })
+        .collect();
+    let ctx = CoreCtx {
+        link: link.clone(),
+        store: store.clone(),
+        sources,
+        recovery: cfg.recovery.clone(),
+        retry: cfg.retry,
+        tick: cfg.tick,
+        runtime: tokio::runtime::Handle::current(),
+        stats: stats.clone(),
+    };
+    std::thread::Builder::new()
+        .name("zz-exec-core".into())
+        .spawn(move || {
+            let r = core_loop(core, core_rx, ctx);
+            let _ = done_tx.send(r);
+        })
+        .map_err(|e| DriverError::Internal(format!("cannot start the core thread: {e}")))?;
+
+    let reader = read_loop(rd, core_tx.clone(), link.clone(), store);
+    let result = tokio::select! {
+        () = reader => {
+            tracing::info!(exec = %me, "the host agent closed the stream; stopping");
+            // The queue may be full: a blocking send would wait for the core.
+            let tx = core_tx.clone();
+            let _ = tokio::task::spawn_blocking(move || tx.send(CoreInput::Stop)).await;
+            match tokio::time::timeout(Duration::from_secs(5), &mut done_rx).await {
+                Ok(Ok(Err(e))) => Err(e),
+                _ => Ok(Exit::StreamClosed),
+            }
+        }
+        r = &mut done_rx => match r {
+            Ok(r) => r,
+            Err(_) => Err(DriverError::Internal("the core thread panicked".into())),
+        },
+    };
+    drop(core_tx);
+    drop(link);
+    // Let the writer send what the core queued last (an injected crash
+    // sends its outputs first, like a real one mid-flight would not; a
+    // stream that is gone ends the writer at once).
+    let _ = tokio::time::timeout(Duration::from_millis(500), writer).await;
+    tracing::info!(
+        exec = %me,
+        frames_in = stats.frames_in.load(Ordering::Relaxed),
+        frames_bad = stats.frames_bad.load(Ordering::Relaxed),
+        rejected = stats.envelopes_rejected.load(Ordering::Relaxed),
+        served = stats.fetch_served.load(Ordering::Relaxed),
+        recoveries = stats.recoveries.load(Ordering::Relaxed),
+        "executor stopped"
+    );
+    result
+}
+
+async fn connect(path: &std::path::Path, timeout: Duration) -> Result<UnixStream, DriverError> {
+    let deadline = Instant::now() + timeout;
+    let mut wait = Duration::from_millis(10);
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(DriverError::Connect {
+                    path: path.to_path_buf(),
+                    source: e,
+                })
+            }
+            Err(_) => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+/// Reads frames until the stream closes or its framing breaks.
+async fn read_loop(
+    mut rd: tokio::net::unix::OwnedReadHalf,
+    core: std_mpsc::SyncSender<CoreInput>,
+    link: Arc<Link>,
+    store: PageStore,
+) {
+    let decoder = FrameDecoder::new(MAX_LINK_FRAME);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let serving = Arc::new(Semaphore::new(SERVE_CONCURRENCY));
+    let stats = link.stats.clone();
+    loop {
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        loop {
+            let body = match decoder.decode(&mut buf) {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "oversized frame from the host agent; closing");
+                    inc(&stats.frames_bad);
+                    return;
+                }
+            };
+            inc(&stats.frames_in);
+            let frame = match LinkFrame::decode(&body) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::debug!(error = %e, "malformed frame");
+                    inc(&stats.frames_bad);
+                    continue;
+                }
+            };
+            match frame {
+                LinkFrame::Exec(env) => match core.try_send(CoreInput::Envelope(env)) {
+                    Ok(()) => {}
+                    Err(std_mpsc::TrySendError::Full(_)) => inc(&stats.frames_dropped),
+                    Err(std_mpsc::TrySendError::Disconnected(_)) => return,
+                },
+                LinkFrame::Fetch(ff) if ff.to != link.me => {
+                    tracing::debug!(to = %ff.to, "fetch frame for another replica");
+                    inc(&stats.frames_bad);
+                }
+                LinkFrame::Fetch(FetchFrame {
+                    from,
+                    id,
+                    body: FetchBody::Request(req),
+                    ..
+                }) => {
+                    let Ok(permit) = serving.clone().try_acquire_owned() else {
+                        // Busy: refuse rather than queue without bound.
+                        link.send(&LinkFrame::Fetch(FetchFrame {
+                            from: link.me,
+                            to: from,
+                            id,
+                            body: FetchBody::Response(Response::Refused {
+                                kind: proto::RefusalKind::Internal,
+                                detail: "busy".into(),
+                            }),
+                        }));
+                        continue;
+                    };
+                    let (store, link) = (store.clone(), link.clone());
+                    tokio::spawn(async move {
+                        let resp = tokio::task::spawn_blocking(move || {
+                            proto::handle(&store, &Limits::default(), req)
+                        })
+                        .await
+                        .unwrap_or_else(|e| Response::Refused {
+                            kind: proto::RefusalKind::Internal,
+                            detail: e.to_string(),
+                        });
+                        drop(permit);
+                        inc(&link.stats.fetch_served);
+                        link.send(&LinkFrame::Fetch(FetchFrame {
+                            from: link.me,
+                            to: from,
+                            id,
+                            body: FetchBody::Response(resp),
+                        }));
+                    });
+                }
+                LinkFrame::Fetch(FetchFrame {
+                    from,
+                    id,
+                    body: FetchBody::Response(resp),
+                    ..
+                }) => {
+                    let mut w = link.waiters();
+                    match w.get(&id) {
+                        Some((peer, _)) if *peer == from => {
+                            if let Some((_, tx)) = w.remove(&id) {
+                                let _ = tx.send(resp);
+                            }
+                        }
+                        _ => {
+                            drop(w);
+                            tracing::debug!(%from, id, "unexpected fetch response");
+                            inc(&stats.frames_bad);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What the core thread needs besides the core.
+struct CoreCtx {
+    link: Arc<Link>,
+    store: PageStore,
+    sources: Vec<Arc<dyn PageSource>>,
+    recovery: RecoveryConfig,
+    retry: Duration,
+    tick: Duration,
+    runtime: tokio::runtime::Handle,
+    stats: Arc<ExecutorStats>,
+}
+
+/// A recovery in progress: the view the core's state reads through.
+struct Recovering {
+    view: Arc<RecoveryView>,
+    cert: ExecCheckpointCert,
+    started: Instant,
+}
+
+fn core_loop(
+    mut core: ExecutionCore,
+    inputs: std_mpsc::Receiver<CoreInput>,
+    ctx: CoreCtx,
+) -> Result<Exit, DriverError> {
+    let mut wanted: Option<ExecCheckpointCert> = None;
+    let mut retry_at = Instant::now();
+    let mut recovering: Option<Recovering> = None;
+    loop {
+        let first = match inputs.recv_timeout(ctx.tick) {
+            Ok(i) => Some(i),
+            Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => return Ok(Exit::StreamClosed),
+        };
+        let mut next = first;
+        while let Some(input) = next {
+            match input {
+                CoreInput::Stop => return Ok(Exit::StreamClosed),
+                CoreInput::Envelope(env) => {
+                    if let Err(e) = core.on_envelope(&env) {
+                        tracing::debug!(error = %e, "envelope rejected");
+                        inc(&ctx.stats.envelopes_rejected);
+                    }
+                }
+            }
+            next = inputs.try_recv().ok();
+        }
+        let ready = core.ready()?;
+        if send_ready(&core, &ctx, &ready) {
+            return Ok(Exit::Crashed);
+        }
+        if let Some(c) = ready.stable_ahead {
+            tracing::info!(
+                app_seq = c.app_seq,
+                executed = core.executed(),
+                "stable checkpoint ahead of our state"
+            );
+            wanted = Some(c);
+            retry_at = Instant::now();
+        }
+        if wanted
+            .as_ref()
+            .is_some_and(|c| c.app_seq <= core.executed())
+        {
+            wanted = None;
+        }
+        if let Some(cert) = wanted.clone() {
+            if Instant::now() >= retry_at {
+                match start_recovery(&mut core, &ctx, &cert) {
+                    Ok(r) => {
+                        recovering = Some(r);
+                        wanted = None;
+                        // Orders buffered above the checkpoint execute now.
+                        let ready = core.ready()?;
+                        if send_ready(&core, &ctx, &ready) {
+                            return Ok(Exit::Crashed);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(app_seq = cert.app_seq, error = %e, "recovery could not start; retrying");
+                        retry_at = Instant::now() + ctx.retry;
+                    }
+                }
+            }
+        }
+        if let Some(r) = &recovering {
+            for ev in r.view.take_events() {
+                match ev {
+                    RecoveryEvent::SourceFault {
+                        source,
+                        error,
+                        excluded,
+                    } => tracing::warn!(%source, %error, excluded, "page source failed"),
+                    RecoveryEvent::Compared { missing } => {
+                        tracing::info!(missing, "recovery: pages compared")
+                    }
+                    RecoveryEvent::Finished { fetched, error } => {
+                        tracing::info!(fetched, ?error, "recovery: background fetch finished")
+                    }
+                }
+            }
+            let p = r.view.progress();
+            if p.finished && p.missing == 0 && p.present == p.num_pages {
+                match core.swap_state(Box::new(ctx.store.clone())) {
+                    Ok(old) => {
+                        drop(old);
+                        let r = recovering.take().expect("checked");
+                        tracing::info!(
+                            app_seq = r.cert.app_seq,
+                            fetched = p.fetched,
+                            pages = p.num_pages,
+                            secs = r.started.elapsed().as_secs_f64(),
+                            "recovery complete; state is local again"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "recovery complete but not yet swappable")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends a `Ready`'s messages; true if the replica must now crash.
+fn send_ready(core: &ExecutionCore, ctx: &CoreCtx, ready: &Ready) -> bool {
+    if ready.delay_ms > 0 {
+        std::thread::sleep(Duration::from_millis(ready.delay_ms));
+    }
+    for m in &ready.messages {
+        for env in core.seal(m) {
+            ctx.link.send(&LinkFrame::Exec(env));
+        }
+    }
+    for (to, m) in &ready.direct {
+        if let Some(env) = core.seal_to(*to, m) {
+            ctx.link.send(&LinkFrame::Exec(env));
+        }
+    }
+    if let Some(c) = &ready.diverged {
+        tracing::error!(
+            app_seq = c.app_seq,
+            "our checkpoint differs from the stable one: this replica's state is wrong"
+        );
+    }
+    if ready.crash {
+        tracing::warn!("fault injection: crashing");
+    }
+    ready.crash
+}
+
+/// Opens a recovery of `cert` and installs it as the core's state.
+fn start_recovery(
+    core: &mut ExecutionCore,
+    ctx: &CoreCtx,
+    cert: &ExecCheckpointCert,
+) -> Result<Recovering, String> {
+    let started = Instant::now();
+    let view = ctx
+        .runtime
+        .block_on(RecoveryView::open(
+            ctx.store.clone(),
+            Certificate {
+                seq: cert.app_seq,
+                root: cert.root,
+            },
+            ctx.sources.clone(),
+            ctx.recovery.clone(),
+        ))
+        .map_err(|e| e.to_string())?;
+    let view = Arc::new(view);
+    let state = RecoveringState::new(view.clone(), ctx.store.clone());
+    let state: Box<dyn StateBackend> = Box::new(state);
+    let old = core.install_state(state, cert).map_err(|e| e.to_string())?;
+    drop(old);
+    inc(&ctx.stats.recoveries);
+    tracing::info!(
+        app_seq = cert.app_seq,
+        pages = view.num_pages(),
+        open_ms = started.elapsed().as_millis() as u64,
+        "recovering: executing from the stable checkpoint while its pages are fetched"
+    );
+    Ok(Recovering {
+        view,
+        cert: cert.clone(),
+        started,
+    })
+}

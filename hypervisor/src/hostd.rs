@@ -1,0 +1,899 @@
+//! The host agent (`zz-hostd`): runs the execution replicas placed on one
+//! host, relays their frames, and carries out authorized host commands
+//! (DESIGN §3, §6).
+//!
+//! ```text
+//!  agreement replicas ══TCP══► hostd ◄══unix socket══► zz-executor (one per replica)
+//!       Hello, then Frame::Exec (orders, stable)   ─►  LinkFrame::Exec
+//!       Frame::HostCommand ─► CommandGate ─► carry_out (blocking pool)
+//!       Frame::Exec (executed, checkpoints)   ◄─   LinkFrame::Exec
+//!                                    LinkFrame::Fetch ◄─► between local executors
+//! ```
+//!
+//! - **Replicas.** At start every execution replica of the config placed on
+//!   this host is defined with the process backend (its executor program is
+//!   `zz-executor` beside this binary unless overridden), and started;
+//!   indices `0..=f` stay active, the rest are put to sleep at once
+//!   (dormant, in the configured mode). Each has a state folder
+//!   `<data_dir>/host-<name>/exec-a<app>-e<index>` (wiped by a reimage), a
+//!   log `<…>/logs/exec-a<app>-e<index>.log`, and a unix socket
+//!   `<…>/sock/a<app>e<index>.sock` the host agent listens on and passes in
+//!   `ZZ_SOCKET`; the socket identifies the replica, so nothing an executor
+//!   sends can claim to be another.
+//! - **Agreement links.** The host agent listens on its `addr`. An agreement
+//!   replica's connection starts with a signed
+//!   [`Hello`](zz_agreement::hostlink::Hello) naming this host; executor
+//!   output routed `ToAgreement { to }` goes to every open connection whose
+//!   hello named `to` (a replayed hello only earns copies of MAC'd frames).
+//!   Envelopes routed `ToExecutor { to }` go to executor `to`'s stream; while
+//!   it is not connected (a woken replica connects a moment after its first
+//!   orders arrive) they wait in a bounded backlog, delivered first when it
+//!   connects. The host agent cannot open or forge envelopes; it only routes.
+//! - **Host commands** go to the [`CommandGate`]; each action that f+1
+//!   distinct agreement replicas signed is carried out once, in order, on the
+//!   blocking pool: `Wake` resumes (or restores, or restarts), `Sleep` makes
+//!   dormant, `Reimage` destroys, wipes and restarts the replica, then puts it
+//!   to sleep: a rebuilt replica is dormant until woken.
+//! - **State fetch** frames between local executors are relayed by target
+//!   [`ExecId`]; a request for a replica that is not connected here is
+//!   answered at once with a refusal so the fetcher asks another peer.
+//!   Relaying fetches between hosts is not built yet: a recovering replica
+//!   can fetch only from peers on its own host.
+//! - **Shutdown** on SIGTERM or SIGINT: every replica is destroyed and the
+//!   sockets are removed.
+//!
+//! Network input never panics the host agent: malformed, oversized,
+//! unauthenticated or misrouted frames are dropped and counted in
+//! [`HostStats`] (an oversized frame closes its connection).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch};
+use zz_agreement::hostlink::Hello;
+use zz_executor::link::{FetchFrame, LinkFrame, MAX_LINK_FRAME};
+use zz_executor::FaultPlan;
+use zz_wire::codec;
+use zz_wire::config::{ClusterConfig, HostEntry};
+use zz_wire::exec::{ExecEnvelope, ExecId, ExecRoute, HostAction};
+use zz_wire::frame::{FrameDecoder, DEFAULT_MAX_FRAME};
+use zz_wire::message::Frame;
+use zz_wire::ReplicaId;
+
+use crate::gate::{CommandGate, Fire, Verdict};
+use crate::lifecycle::{carry_out, DormantMode, LifecycleError, ReplicaLifecycle, ReplicaSpec};
+use crate::process::{ProcessBackend, ProcessConfig};
+
+/// Most bytes queued for one connection before frames to it are dropped.
+const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
+/// Most agreement connections open at once; more are refused.
+pub const MAX_AGREEMENT_CONNECTIONS: usize = 256;
+const READ_CHUNK: usize = 64 * 1024;
+/// Longest unix socket path (`sun_path` holds 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Why the host agent cannot start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum HostdError {
+    #[error("host `{0}` is not in the config's [[hosts]]")]
+    UnknownHost(String),
+    #[error(
+        "host `{host}` uses the `{backend}` backend, which this host agent does not \
+         support yet; use backend = \"process\""
+    )]
+    Backend { host: String, backend: String },
+    #[error("fault plans are given, but the config does not set execution.allow_fault_injection")]
+    FaultsNotAllowed,
+    #[error("a fault plan names {0}, which is not placed on this host")]
+    FaultForeign(ExecId),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "socket path {0} is too long for a unix socket (at most {MAX_SOCKET_PATH} bytes); \
+         use a shorter data_dir"
+    )]
+    SocketPath(PathBuf),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
+    #[error(transparent)]
+    Gate(#[from] crate::gate::GateConfigError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// What a host agent runs with.
+#[derive(Clone, Debug)]
+pub struct HostdOptions {
+    pub config: ClusterConfig,
+    /// The config file, passed to executors (`--config`); made absolute.
+    pub config_path: PathBuf,
+    /// This host's name in the config.
+    pub host: String,
+    /// The executor program.
+    pub executor: PathBuf,
+    /// Where state folders, sockets and logs go (default
+    /// `<data_dir>/host-<name>`).
+    pub dir: PathBuf,
+    /// Fault plans for drills, written into the replicas' state folders
+    /// before they start (allowed only with `execution.allow_fault_injection`).
+    pub faults: Vec<(ExecId, FaultPlan)>,
+}
+
+impl HostdOptions {
+    /// Options with the executor beside the current executable and the
+    /// default folder.
+    pub fn new(config: ClusterConfig, config_path: PathBuf, host: String) -> Self {
+        let executor = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("zz-executor")))
+            .unwrap_or_else(|| PathBuf::from("zz-executor"));
+        let dir = config
+            .resolve(&config.data_dir)
+            .join(format!("host-{host}"));
+        HostdOptions {
+            config,
+            config_path,
+            host,
+            executor,
+            dir,
+            faults: Vec::new(),
+        }
+    }
+}
+
+/// Counters of a running host agent.
+#[derive(Debug, Default)]
+pub struct HostStats {
+    pub agreement_connections: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub hellos_rejected: AtomicU64,
+    pub frames_in: AtomicU64,
+    /// Frames that did not decode, or of a kind not expected on that link.
+    pub frames_malformed: AtomicU64,
+    pub frames_oversized: AtomicU64,
+    /// Frames whose route or sender does not fit the link they came on.
+    pub frames_misrouted: AtomicU64,
+    /// Frames dropped: destination not connected, or its queue full.
+    pub frames_dropped: AtomicU64,
+    pub envelopes_to_executors: AtomicU64,
+    pub envelopes_to_agreement: AtomicU64,
+    pub fetch_relayed: AtomicU64,
+    pub commands_rejected: AtomicU64,
+    pub commands_fired: AtomicU64,
+    pub commands_failed: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The sending side of one connection.
+#[derive(Clone)]
+struct Conn {
+    id: u64,
+    tx: mpsc::UnboundedSender<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Conn {
+    fn new(id: u64) -> (Conn, mpsc::UnboundedReceiver<Bytes>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Conn {
+                id,
+                tx,
+                queued: Arc::new(AtomicUsize::new(0)),
+            },
+            rx,
+        )
+    }
+
+    fn send(&self, bytes: Bytes, stats: &HostStats) -> bool {
+        let len = bytes.len();
+        if self.queued.load(Ordering::Relaxed) + len > MAX_QUEUED_BYTES {
+            inc(&stats.frames_dropped);
+            return false;
+        }
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        if self.tx.send(bytes).is_err() {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            inc(&stats.frames_dropped);
+            return false;
+        }
+        true
+    }
+}
+
+/// Writes a connection's queue until it closes or a write fails.
+async fn write_queued<W: tokio::io::AsyncWrite + Unpin>(
+    w: W,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    queued: Arc<AtomicUsize>,
+) {
+    let mut w = BufWriter::with_capacity(64 * 1024, w);
+    while let Some(b) = rx.recv().await {
+        queued.fetch_sub(b.len(), Ordering::Relaxed);
+        if w.write_all(&b).await.is_err() {
+            return;
+        }
+        while let Ok(b) = rx.try_recv() {
+            queued.fetch_sub(b.len(), Ordering::Relaxed);
+            if w.write_all(&b).await.is_err() {
+                return;
+            }
+        }
+        if w.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Most bytes kept for an executor that is not connected (a woken replica
+/// connects a few milliseconds after the orders and checkpoint meant for it
+/// arrive); beyond that the oldest frames are dropped.
+const MAX_BACKLOG_BYTES: usize = 8 * 1024 * 1024;
+
+/// Who is connected: executors by id, agreement replicas by connection.
+#[derive(Default)]
+struct Routes {
+    executors: HashMap<ExecId, Conn>,
+    /// Frames for hosted executors that are not connected right now.
+    backlog: HashMap<ExecId, (usize, std::collections::VecDeque<Bytes>)>,
+    agreement: HashMap<u64, (ReplicaId, Conn)>,
+}
+
+struct Shared {
+    me: String,
+    stats: Arc<HostStats>,
+    routes: Mutex<Routes>,
+    replica_keys: Vec<ed25519_dalek::VerifyingKey>,
+    gate: Mutex<CommandGate>,
+    commands: mpsc::UnboundedSender<Fire>,
+    next_conn: AtomicU64,
+}
+
+impl Shared {
+    fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `frame` for a hosted executor: on its stream, or in its
+    /// backlog while it is not connected. False for an executor not hosted here.
+    fn to_executor(&self, to: ExecId, frame: &LinkFrame) -> bool {
+        let bytes = Bytes::from(frame.to_bytes());
+        let mut routes = self.routes();
+        if let Some(c) = routes.executors.get(&to) {
+            return c.send(bytes, &self.stats);
+        }
+        let Some((size, queue)) = routes.backlog.get_mut(&to) else {
+            inc(&self.stats.frames_dropped);
+            return false;
+        };
+        *size += bytes.len();
+        queue.push_back(bytes);
+        while *size > MAX_BACKLOG_BYTES {
+            match queue.pop_front() {
+                Some(old) => {
+                    *size -= old.len();
+                    inc(&self.stats.frames_dropped);
+                }
+                None => break,
+            }
+        }
+        true
+    }
+
+    /// Whether `exec` is connected now (fetch requests to others are refused).
+    fn connected(&self, exec: ExecId) -> bool {
+        self.routes().executors.contains_key(&exec)
+    }
+
+    fn to_agreement(&self, to: ReplicaId, env: ExecEnvelope) {
+        let conns: Vec<Conn> = self
+            .routes()
+            .agreement
+            .values()
+            .filter(|(r, _)| *r == to)
+            .map(|(_, c)| c.clone())
+            .collect();
+        if conns.is_empty() {
+            inc(&self.stats.frames_dropped);
+            return;
+        }
+        let bytes = Bytes::from(zz_wire::frame::frame(&codec::encode(&Frame::Exec(env))));
+        for c in conns {
+            if c.send(bytes.clone(), &self.stats) {
+                inc(&self.stats.envelopes_to_agreement);
+            }
+        }
+    }
+}
+
+/// One replica placed on this host.
+#[derive(Clone, Debug)]
+struct Placed {
+    exec: ExecId,
+    state_dir: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> HostdError + 'a {
+    move |source| HostdError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A running host agent.
+pub struct Hostd {
+    pub stats: Arc<HostStats>,
+    pub addr: std::net::SocketAddr,
+    backend: Arc<Mutex<ProcessBackend>>,
+    placed: Vec<Placed>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Hostd {
+    /// The replicas this host runs.
+    pub fn executors(&self) -> Vec<ExecId> {
+        self.placed.iter().map(|p| p.exec).collect()
+    }
+
+    /// Process id of a live replica (tests and diagnostics).
+    pub fn pid(&self, exec: ExecId) -> Option<i32> {
+        lock(&self.backend).pid(exec)
+    }
+
+    /// Runs until `stop` completes, then destroys every replica.
+    pub async fn run_until(self, stop: impl Future<Output = ()>) -> Result<(), HostdError> {
+        stop.await;
+        self.shutdown().await
+    }
+
+    /// Destroys every replica, removes the sockets and stops every task.
+    pub async fn shutdown(self) -> Result<(), HostdError> {
+        let _ = self.shutdown.send(true);
+        let backend = self.backend.clone();
+        let execs = self.executors();
+        tokio::task::spawn_blocking(move || {
+            let mut b = lock(&backend);
+            for e in execs {
+                if let Err(err) = b.destroy(e) {
+                    tracing::warn!(exec = %e, error = %err, "destroy at shutdown failed");
+                }
+            }
+        })
+        .await
+        .map_err(|e| HostdError::Internal(e.to_string()))?;
+        for p in &self.placed {
+            let _ = std::fs::remove_file(&p.socket);
+        }
+        let s = &self.stats;
+        let ld = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        tracing::info!(
+            frames_in = ld(&s.frames_in),
+            hellos_rejected = ld(&s.hellos_rejected),
+            oversized = ld(&s.frames_oversized),
+            malformed = ld(&s.frames_malformed),
+            misrouted = ld(&s.frames_misrouted),
+            dropped = ld(&s.frames_dropped),
+            to_executors = ld(&s.envelopes_to_executors),
+            to_agreement = ld(&s.envelopes_to_agreement),
+            fetch_relayed = ld(&s.fetch_relayed),
+            commands_fired = ld(&s.commands_fired),
+            "host agent stopped; replicas destroyed"
+        );
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn dormant_mode(cfg: &ClusterConfig) -> DormantMode {
+    if cfg.execution.dormant == "saved" {
+        DormantMode::Saved
+    } else {
+        DormantMode::Paused
+    }
+}
+
+/// Starts the host agent: binds its sockets, starts its replicas (dormant
+/// beyond index f) and every task. Must be called inside a tokio runtime.
+pub async fn start(opts: HostdOptions) -> Result<Hostd, HostdError> {
+    let cfg = &opts.config;
+    let host: HostEntry = cfg
+        .hosts
+        .iter()
+        .find(|h| h.name == opts.host)
+        .cloned()
+        .ok_or_else(|| HostdError::UnknownHost(opts.host.clone()))?;
+    if host.backend != "process" {
+        return Err(HostdError::Backend {
+            host: host.name,
+            backend: host.backend,
+        });
+    }
+    if !opts.faults.is_empty() && !cfg.execution.allow_fault_injection {
+        return Err(HostdError::FaultsNotAllowed);
+    }
+    let mode = dormant_mode(cfg);
+    let dir = &opts.dir;
+    let sock_dir = dir.join("sock");
+    let log_dir = dir.join("logs");
+    for d in [dir, &sock_dir, &log_dir] {
+        std::fs::create_dir_all(d).map_err(io_err("cannot create", d))?;
+    }
+    // Only this user may connect to the executors' sockets.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sock_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err("cannot restrict", &sock_dir))?;
+    }
+    let mut placed = Vec::new();
+    for e in cfg.executors.iter().filter(|e| e.host == host.name) {
+        let exec = ExecId {
+            app: e.app,
+            index: e.index,
+        };
+        let socket = sock_dir.join(format!("a{}e{}.sock", e.app, e.index));
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(HostdError::SocketPath(socket));
+        }
+        placed.push(Placed {
+            exec,
+            state_dir: dir.join(format!("exec-a{}-e{}", e.app, e.index)),
+            socket,
+            log: log_dir.join(format!("exec-a{}-e{}.log", e.app, e.index)),
+        });
+    }
+    for (exec, _) in &opts.faults {
+        if !placed.iter().any(|p| p.exec == *exec) {
+            return Err(HostdError::FaultForeign(*exec));
+        }
+    }
+
+    let stats = Arc::new(HostStats::default());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let gate = CommandGate::new(
+        cfg.f,
+        cfg.replica_public_keys(),
+        placed.iter().map(|p| p.exec),
+    )?;
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let routes = Routes {
+        backlog: placed
+            .iter()
+            .map(|p| (p.exec, (0, Default::default())))
+            .collect(),
+        ..Routes::default()
+    };
+    let shared = Arc::new(Shared {
+        me: host.name.clone(),
+        stats: stats.clone(),
+        routes: Mutex::new(routes),
+        replica_keys: cfg.replica_public_keys(),
+        gate: Mutex::new(gate),
+        commands: cmd_tx,
+        next_conn: AtomicU64::new(1),
+    });
+
+    // Listen on every replica's socket before starting it.
+    for p in &placed {
+        let _ = std::fs::remove_file(&p.socket);
+        let l = UnixListener::bind(&p.socket).map_err(io_err("cannot listen on", &p.socket))?;
+        tokio::spawn(executor_accept(
+            l,
+            p.exec,
+            shared.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
+
+    let config_path =
+        std::path::absolute(&opts.config_path).unwrap_or_else(|_| opts.config_path.clone());
+    let pcfg = ProcessConfig::new(&opts.executor).args([
+        "--config".to_string(),
+        config_path.to_string_lossy().into_owned(),
+    ]);
+    let backend = Arc::new(Mutex::new(ProcessBackend::new(pcfg)));
+    {
+        let backend = backend.clone();
+        let placed = placed.clone();
+        let faults = opts.faults.clone();
+        let f = cfg.f as u32;
+        tokio::task::spawn_blocking(move || -> Result<(), HostdError> {
+            let mut b = lock(&backend);
+            for p in &placed {
+                let mut spec = ReplicaSpec::new(p.exec, &p.state_dir, &p.socket);
+                spec.log = Some(p.log.clone());
+                b.define(spec)?;
+                if let Some((_, plan)) = faults.iter().find(|(e, _)| *e == p.exec) {
+                    let path = p.state_dir.join(zz_executor::setup::FAULTS_FILE);
+                    zz_executor::setup::write_fault_plan(&path, plan)
+                        .map_err(io_err("cannot write", &path))?;
+                    tracing::warn!(exec = %p.exec, ?plan, "fault plan installed for a drill");
+                }
+                b.start(p.exec)?;
+                if p.exec.index > f {
+                    carry_out(&mut *b, p.exec, HostAction::Sleep, mode)?;
+                }
+                tracing::info!(exec = %p.exec, state = %b.state(p.exec)?, "replica started");
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| HostdError::Internal(e.to_string()))??;
+    }
+    tokio::spawn(command_worker(
+        cmd_rx,
+        backend.clone(),
+        mode,
+        stats.clone(),
+        shutdown_rx.clone(),
+    ));
+    tokio::spawn(watchdog(
+        backend.clone(),
+        placed.iter().map(|p| p.exec).collect(),
+        shutdown_rx.clone(),
+    ));
+
+    let listener = TcpListener::bind(host.addr)
+        .await
+        .map_err(|source| HostdError::Bind {
+            addr: host.addr,
+            source,
+        })?;
+    let addr = listener.local_addr().unwrap_or(host.addr);
+    tokio::spawn(agreement_accept(listener, shared.clone(), shutdown_rx));
+    tracing::info!(host = %host.name, %addr, replicas = placed.len(), "host agent listening");
+    Ok(Hostd {
+        stats,
+        addr,
+        backend,
+        placed,
+        shutdown: shutdown_tx,
+    })
+}
+
+/// Carries out authorized commands one at a time, in the order they fired.
+async fn command_worker(
+    mut rx: mpsc::UnboundedReceiver<Fire>,
+    backend: Arc<Mutex<ProcessBackend>>,
+    mode: DormantMode,
+    stats: Arc<HostStats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let fire = tokio::select! {
+            f = rx.recv() => f,
+            _ = shutdown.changed() => return,
+        };
+        let Some(fire) = fire else { return };
+        let b = backend.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let mut b = lock(&b);
+            let state = carry_out(&mut *b, fire.exec, fire.action, mode)?;
+            if fire.action == HostAction::Reimage {
+                // A rebuilt replica is dormant until a Wake names it.
+                return carry_out(&mut *b, fire.exec, HostAction::Sleep, mode);
+            }
+            Ok::<_, LifecycleError>(state)
+        })
+        .await;
+        match done {
+            Ok(Ok(state)) => {
+                inc(&stats.commands_fired);
+                tracing::info!(exec = %fire.exec, epoch = fire.epoch, action = ?fire.action, %state, "host command done");
+            }
+            Ok(Err(e)) => {
+                inc(&stats.commands_failed);
+                tracing::error!(exec = %fire.exec, epoch = fire.epoch, action = ?fire.action, error = %e, "host command failed");
+            }
+            Err(e) => {
+                inc(&stats.commands_failed);
+                tracing::error!(error = %e, "host command task failed");
+            }
+        }
+    }
+}
+
+/// Logs replicas that die on their own (they stay dead until woken or reimaged).
+async fn watchdog(
+    backend: Arc<Mutex<ProcessBackend>>,
+    execs: Vec<ExecId>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut known: HashMap<ExecId, String> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return,
+        }
+        let b = backend.clone();
+        let execs = execs.clone();
+        let Ok(states) = tokio::task::spawn_blocking(move || {
+            let mut b = lock(&b);
+            execs
+                .iter()
+                .map(|e| (*e, b.state(*e).map(|s| (s.is_dead(), s.to_string()))))
+                .collect::<Vec<_>>()
+        })
+        .await
+        else {
+            continue;
+        };
+        for (e, st) in states {
+            if let Ok((dead, s)) = st {
+                if known.get(&e) != Some(&s) {
+                    if dead {
+                        tracing::warn!(exec = %e, state = %s, "replica is not running");
+                    }
+                    known.insert(e, s);
+                }
+            }
+        }
+    }
+}
+
+/// Accepts the connections of one executor; a new one replaces the old.
+async fn executor_accept(
+    listener: UnixListener,
+    exec: ExecId,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(%exec, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (conn, rx) = Conn::new(id);
+        let (rd, wr) = stream.into_split();
+        tokio::spawn(write_queued(wr, rx, conn.queued.clone()));
+        let backlog = {
+            let mut r = shared.routes();
+            let backlog = r
+                .backlog
+                .get_mut(&exec)
+                .map(|(size, q)| {
+                    *size = 0;
+                    std::mem::take(q)
+                })
+                .unwrap_or_default();
+            // Frames kept while it was away go first.
+            for b in &backlog {
+                conn.send(b.clone(), &shared.stats);
+            }
+            r.executors.insert(exec, conn);
+            backlog.len()
+        };
+        tracing::info!(%exec, backlog, "executor connected");
+        let sh = shared.clone();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            executor_read(rd, exec, &sh, sd).await;
+            let mut r = sh.routes();
+            if r.executors.get(&exec).is_some_and(|c| c.id == id) {
+                r.executors.remove(&exec);
+                drop(r);
+                tracing::info!(%exec, "executor disconnected");
+            }
+        });
+    }
+}
+
+/// Relays what one executor sends.
+async fn executor_read(
+    mut rd: tokio::net::unix::OwnedReadHalf,
+    exec: ExecId,
+    shared: &Shared,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let stats = &shared.stats;
+    let decoder = FrameDecoder::new(MAX_LINK_FRAME);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        let read = tokio::select! {
+            r = rd.read_buf(&mut buf) => r,
+            _ = shutdown.changed() => return,
+        };
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        loop {
+            let body = match decoder.decode(&mut buf) {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(%exec, error = %e, "oversized frame from executor; closing");
+                    inc(&stats.frames_oversized);
+                    return;
+                }
+            };
+            inc(&stats.frames_in);
+            match LinkFrame::decode(&body) {
+                Ok(LinkFrame::Exec(env)) => match env.route {
+                    ExecRoute::ToAgreement { from, to } if from == exec => {
+                        shared.to_agreement(to, env)
+                    }
+                    _ => inc(&stats.frames_misrouted),
+                },
+                Ok(LinkFrame::Fetch(ff)) if ff.from != exec || ff.to.app != exec.app => {
+                    inc(&stats.frames_misrouted)
+                }
+                Ok(LinkFrame::Fetch(ff)) => relay_fetch(shared, exec, ff),
+                Err(e) => {
+                    tracing::debug!(%exec, error = %e, "malformed frame from executor");
+                    inc(&stats.frames_malformed);
+                }
+            }
+        }
+    }
+}
+
+fn relay_fetch(shared: &Shared, exec: ExecId, ff: FetchFrame) {
+    let to = ff.to;
+    let refusal = ff.unreachable("not connected to this host agent");
+    if shared.connected(to) && shared.to_executor(to, &LinkFrame::Fetch(ff)) {
+        inc(&shared.stats.fetch_relayed);
+    } else if let Some(r) = refusal {
+        shared.to_executor(exec, &LinkFrame::Fetch(r));
+    }
+}
+
+async fn agreement_accept(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let open = Arc::new(AtomicUsize::new(0));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if open.load(Ordering::Relaxed) >= MAX_AGREEMENT_CONNECTIONS {
+            inc(&shared.stats.connections_refused);
+            continue;
+        }
+        open.fetch_add(1, Ordering::Relaxed);
+        inc(&shared.stats.agreement_connections);
+        let _ = stream.set_nodelay(true);
+        let (sh, sd, open) = (shared.clone(), shutdown.clone(), open.clone());
+        tokio::spawn(async move {
+            let id = sh.next_conn.fetch_add(1, Ordering::Relaxed);
+            agreement_conn(stream, id, &sh, sd).await;
+            sh.routes().agreement.remove(&id);
+            open.fetch_sub(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "agreement connection closed");
+        });
+    }
+}
+
+/// One agreement replica's connection: a signed hello, then frames.
+async fn agreement_conn(
+    stream: tokio::net::TcpStream,
+    id: u64,
+    shared: &Shared,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let stats = &shared.stats;
+    let (mut rd, wr) = stream.into_split();
+    let decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut replica: Option<ReplicaId> = None;
+    let mut writer = Some(wr);
+    loop {
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        let read = tokio::select! {
+            r = rd.read_buf(&mut buf) => r,
+            _ = shutdown.changed() => return,
+        };
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        loop {
+            let body = match decoder.decode(&mut buf) {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "oversized frame from an agreement link; closing");
+                    inc(&stats.frames_oversized);
+                    return;
+                }
+            };
+            inc(&stats.frames_in);
+            let Some(from) = replica else {
+                // The first frame must be a valid hello for this host.
+                let Some(r) = Hello::check(&body, &shared.me, &shared.replica_keys) else {
+                    tracing::debug!("bad hello on an agreement link; closing");
+                    inc(&stats.hellos_rejected);
+                    return;
+                };
+                replica = Some(r);
+                let (conn, rx) = Conn::new(id);
+                if let Some(wr) = writer.take() {
+                    tokio::spawn(write_queued(wr, rx, conn.queued.clone()));
+                }
+                shared.routes().agreement.insert(id, (r, conn));
+                tracing::info!(replica = r, "agreement replica connected");
+                continue;
+            };
+            match codec::decode::<Frame>(&body) {
+                Ok(Frame::Exec(env)) => match env.route {
+                    ExecRoute::ToExecutor { from: f, to } if f == from => {
+                        if shared.to_executor(to, &LinkFrame::Exec(env)) {
+                            inc(&stats.envelopes_to_executors);
+                        }
+                    }
+                    _ => inc(&stats.frames_misrouted),
+                },
+                Ok(Frame::HostCommand(cmd)) => {
+                    let verdict = lock(&shared.gate).on_command(&cmd);
+                    match verdict {
+                        Ok(Verdict::Fire(fire)) => {
+                            let _ = shared.commands.send(fire);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!(error = %e, "host command rejected");
+                            inc(&stats.commands_rejected);
+                        }
+                    }
+                }
+                Ok(_) => inc(&stats.frames_malformed),
+                Err(e) => {
+                    tracing::debug!(replica = from, error = %e, "malformed frame");
+                    inc(&stats.frames_malformed);
+                }
+            }
+        }
+    }
+}
