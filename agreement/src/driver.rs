@@ -409,6 +409,7 @@ pub async fn start(opts: DriverOptions) -> Result<DriverHandle, DriverError> {
         }
     }
     ropts.exec_timeout_min_ms = cfg.execution.timeout_min_ms;
+    ropts.exec_all_active = cfg.execution.all_active;
     if let Some(m) = opts.max_inflight_batches {
         ropts.max_inflight_batches = m.max(1);
     }

@@ -75,6 +75,15 @@ impl ExecTable {
         }
     }
 
+    /// Makes all 2f+1 replicas of every app active (no dormant ones): the
+    /// initial state of a deployment with `execution.all_active`.
+    pub fn activate_all(&mut self) {
+        let all: BTreeSet<ExecIndex> = (0..self.replicas_per_app).collect();
+        for st in self.apps.values_mut() {
+            st.active = all.clone();
+        }
+    }
+
     pub fn is_remote(&self, app: AppId) -> bool {
         self.apps.contains_key(&app)
     }

@@ -138,6 +138,9 @@ pub struct ReplicaOptions {
     pub remote_apps: BTreeMap<AppId, Vec<VerifyingKey>>,
     /// Floor of the adaptive execution timeout.
     pub exec_timeout_min_ms: u64,
+    /// Every app starts with all 2f+1 execution replicas active
+    /// (`execution.all_active`), instead of f+1.
+    pub exec_all_active: bool,
 }
 
 impl ReplicaOptions {
@@ -149,6 +152,7 @@ impl ReplicaOptions {
             max_inflight_batches: 4,
             remote_apps: BTreeMap::new(),
             exec_timeout_min_ms: 200,
+            exec_all_active: false,
         }
     }
 }
@@ -245,6 +249,9 @@ impl Replica {
     ) -> Self {
         let remote: Vec<AppId> = opts.remote_apps.keys().copied().collect();
         service.exec = ExecTable::new(&remote, opts.f);
+        if opts.exec_all_active {
+            service.exec.activate_all();
+        }
         let (stable, stable_snapshot) = match persisted.stable {
             Some((cert, snap)) if service.restore(&snap).is_ok() => (cert, snap),
             _ => (

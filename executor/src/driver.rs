@@ -591,7 +591,15 @@ fn core_loop(
             }
             let p = r.view.progress();
             if p.finished && p.missing == 0 && p.present == p.num_pages {
-                match core.swap_state(Box::new(ctx.store.clone())) {
+                // The plain store must hold every page before it replaces the view.
+                let stored = r.view.persist_staged();
+                if let Err(e) = &stored {
+                    tracing::warn!(error = %e, "recovery complete but staged pages not yet stored");
+                }
+                match stored.map_err(|e| e.to_string()).and_then(|()| {
+                    core.swap_state(Box::new(ctx.store.clone()))
+                        .map_err(|e| e.to_string())
+                }) {
                     Ok(old) => {
                         drop(old);
                         let r = recovering.take().expect("checked");

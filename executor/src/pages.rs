@@ -233,6 +233,8 @@ impl StateBackend for RecoveringState {
         if !self.is_complete() {
             return Ok(None);
         }
+        // Pages fetched for on-demand reads may still be staged in memory.
+        self.view.persist_staged()?;
         Ok(Some(self.store.checkpoint(seq)?))
     }
 

@@ -524,6 +524,7 @@ pub async fn start(opts: HostdOptions) -> Result<Hostd, HostdError> {
         let placed = placed.clone();
         let faults = opts.faults.clone();
         let f = cfg.f as u32;
+        let all_active = cfg.execution.all_active;
         tokio::task::spawn_blocking(move || -> Result<(), HostdError> {
             let mut b = lock(&backend);
             for p in &placed {
@@ -537,7 +538,7 @@ pub async fn start(opts: HostdOptions) -> Result<Hostd, HostdError> {
                     tracing::warn!(exec = %p.exec, ?plan, "fault plan installed for a drill");
                 }
                 b.start(p.exec)?;
-                if p.exec.index > f {
+                if p.exec.index > f && !all_active {
                     carry_out(&mut *b, p.exec, HostAction::Sleep, mode)?;
                 }
                 tracing::info!(exec = %p.exec, state = %b.state(p.exec)?, "replica started");

@@ -926,20 +926,30 @@ impl RecoveryView {
         std::mem::take(&mut self.shared.lock().events)
     }
 
+    /// Writes to the store any verified page still staged for an on-demand
+    /// reader. Once the view is complete, call this before using the store
+    /// directly: "present" pages may otherwise still be in memory only.
+    pub fn persist_staged(&self) -> Result<(), RecoveryError> {
+        self.shared.persist_staged()
+    }
+
     /// Waits until every page is present (or the background gave up).
     pub async fn wait_complete(&self) -> Result<Progress, RecoveryError> {
         loop {
             let mut changes = self.shared.changed.subscribe();
-            {
-                let st = self.shared.lock();
-                match &st.outcome {
-                    Some(Ok(())) => return Ok(self.shared.progress(&st)),
-                    Some(Err(e)) => return Err(RecoveryError::Background(e.clone())),
-                    None => {}
+            let outcome = self.shared.lock().outcome.clone();
+            match outcome {
+                Some(Ok(())) => break,
+                Some(Err(e)) => return Err(RecoveryError::Background(e)),
+                None => {
+                    let _ = changes.changed().await;
                 }
             }
-            let _ = changes.changed().await;
         }
+        // Complete means the store itself holds every page: pages handed to
+        // on-demand readers may still be staged in memory.
+        self.shared.persist_staged()?;
+        Ok(self.shared.progress(&self.shared.lock()))
     }
 
     /// Waits for completion, then takes checkpoint C on the local store and

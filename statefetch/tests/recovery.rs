@@ -152,10 +152,12 @@ async fn every_second_page_liar_is_caught_and_pages_come_from_honest_peer() {
     }
     view.wait_complete().await.unwrap();
     let events = view.take_events();
-    assert_eq!(
-        liar_faults(&events, Lie::EverySecondPage).len(),
-        1,
-        "excluded after first lie"
+    // Excluded at its first proven lie: only requests already in flight to
+    // it then (at most `max_in_flight`) can fail as well.
+    let faults = liar_faults(&events, Lie::EverySecondPage).len();
+    assert!(
+        (1..=config().max_in_flight).contains(&faults),
+        "excluded after first lie, got {faults} faults"
     );
     assert!(liar.pages_served.load(std::sync::atomic::Ordering::SeqCst) >= 2);
     assert_eq!(view.finish().await.unwrap(), s.cert.root);

@@ -114,6 +114,9 @@ pub struct ExecutionTuning {
     pub timeout_min_ms: u64,
     /// Allow `zzctl fault` drills (wrong replies, corrupt pages, crashes, slowness).
     pub allow_fault_injection: bool,
+    /// Start all 2f+1 execution replicas of every app active, none dormant
+    /// (classic BFT execution; a baseline for benchmarks). Default: f+1.
+    pub all_active: bool,
 }
 
 impl Default for ExecutionTuning {
@@ -123,6 +126,7 @@ impl Default for ExecutionTuning {
             checkpoint_interval: 128,
             timeout_min_ms: 200,
             allow_fault_injection: false,
+            all_active: false,
         }
     }
 }

@@ -3,11 +3,15 @@
 //!
 //! - [`bench`](mod@bench): benchmarks that start a local deployment and print one
 //!   machine-readable line.
+//! - [`bench_zz`]: benchmarks of the whole system as processes (agreement
+//!   daemons, a host agent and its execution replicas): recovery from a
+//!   wrong-reply fault, and several tenants under load.
 //!
 //! Local deployments (config, keys, daemon processes) are written and run by
 //! [`zz_client::deploy`].
 
 pub mod bench;
+pub mod bench_zz;
 
 use std::path::PathBuf;
 

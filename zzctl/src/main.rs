@@ -3,6 +3,8 @@
 //! ```text
 //! zzctl bench agreement --replicas 4 --clients 32 --duration 10 --payload 0
 //! zzctl bench statefetch --state-mib 1024 --dirty-pages 1000
+//! zzctl bench recovery --state-mib 256
+//! zzctl bench tenants --apps 4 --f 1 --mode zz|full
 //! zzctl init --dir DIR [--f 1] [--clients 1]
 //! ```
 
@@ -14,6 +16,7 @@ use clap::{Args, Parser, Subcommand};
 use zz_client::deploy::{write_local, DeployOptions};
 use zz_wire::config::AgreementTuning;
 use zzctl::bench::{run_agreement, AgreementBench};
+use zzctl::bench_zz::{run_recovery, run_tenants, Programs, RecoveryBench, TenantsBench};
 use zzctl::find_daemon;
 
 #[derive(Parser, Debug)]
@@ -45,6 +48,95 @@ enum Bench {
     /// Checkpoint cost, verified fetch throughput and time to first read
     /// of paged state (statefetch), against a peer process on loopback.
     Statefetch(StatefetchArgs),
+    /// Repair of a wrong-reply fault on a process deployment: time to
+    /// detect, wake, first correct reply and full state of the woken replica.
+    Recovery(RecoveryArgs),
+    /// Several CPU-costly kv apps under closed-loop load, with f+1 (zz) or
+    /// 2f+1 (full) execution replicas active.
+    Tenants(TenantsArgs),
+}
+
+/// The daemons of a process deployment.
+#[derive(Args, Debug)]
+struct ProgramArgs {
+    /// The zz-agreement executable (default: next to zzctl, or $ZZ_AGREEMENT_BIN).
+    #[arg(long)]
+    agreement_bin: Option<PathBuf>,
+    /// The zz-hostd executable (default: next to zzctl, or $ZZ_HOSTD_BIN).
+    #[arg(long)]
+    hostd_bin: Option<PathBuf>,
+    /// The zz-executor executable (default: next to zzctl, or $ZZ_EXECUTOR_BIN).
+    #[arg(long)]
+    executor_bin: Option<PathBuf>,
+    /// Keep the deployment (config, keys, logs, data) in this directory.
+    #[arg(long)]
+    keep_dir: Option<PathBuf>,
+}
+
+impl ProgramArgs {
+    fn programs(&self) -> Result<Programs> {
+        Ok(Programs {
+            agreement: find_daemon(
+                "zz-agreement",
+                self.agreement_bin.clone(),
+                "ZZ_AGREEMENT_BIN",
+            )?,
+            hostd: find_daemon("zz-hostd", self.hostd_bin.clone(), "ZZ_HOSTD_BIN")?,
+            executor: find_daemon("zz-executor", self.executor_bin.clone(), "ZZ_EXECUTOR_BIN")?,
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+struct RecoveryArgs {
+    /// Application state to preload, in MiB.
+    #[arg(long, default_value_t = 16)]
+    state_mib: u64,
+    /// Bytes of each preloaded value (at most 65536).
+    #[arg(long, default_value_t = 65536)]
+    value_bytes: usize,
+    /// Clients writing the preload in parallel.
+    #[arg(long, default_value_t = 8)]
+    preload_clients: usize,
+    /// App sequence numbers between execution checkpoints (the preload is
+    /// padded to a multiple of it; the load stays below the next one).
+    #[arg(long, default_value_t = 4096)]
+    checkpoint_interval: u64,
+    /// Requests of the measuring client before the fault.
+    #[arg(long, default_value_t = 200)]
+    pre_fault_ops: u64,
+    /// Longest wait, in seconds, for the woken replica's full state.
+    #[arg(long, default_value_t = 600.0)]
+    max_wait: f64,
+    #[command(flatten)]
+    programs: ProgramArgs,
+}
+
+#[derive(Args, Debug)]
+struct TenantsArgs {
+    /// Number of kv apps.
+    #[arg(long, default_value_t = 4)]
+    apps: u32,
+    /// Faults tolerated (3f+1 agreement, 2f+1 execution replicas per app).
+    #[arg(long, default_value_t = 1)]
+    f: usize,
+    /// zz: f+1 active execution replicas per app; full: all 2f+1.
+    #[arg(long, default_value = "zz", value_parser = ["zz", "full"])]
+    mode: String,
+    /// blake3 rounds over 4 KiB per request (`kv+cpu=N`).
+    #[arg(long, default_value_t = 200)]
+    cpu_rounds: u32,
+    /// Closed-loop clients per app.
+    #[arg(long, default_value_t = 4)]
+    clients_per_app: usize,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds of warm-up before measuring.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    #[command(flatten)]
+    programs: ProgramArgs,
 }
 
 #[derive(Args, Debug)]
@@ -131,13 +223,6 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(b) = a.batch_max_requests {
                 tuning.batch_max_requests = b;
             }
-            let secs = |s: f64, what: &str| {
-                if s.is_finite() && s >= 0.0 {
-                    Ok(Duration::from_secs_f64(s))
-                } else {
-                    anyhow::bail!("--{what} must be a non-negative number of seconds")
-                }
-            };
             let bench = AgreementBench {
                 replicas: a.replicas,
                 clients: a.clients,
@@ -168,6 +253,39 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Bench(Bench::Recovery(a)) => {
+            if a.value_bytes > 65536 {
+                anyhow::bail!("--value-bytes must be at most 65536 (the kv app's limit)");
+            }
+            let bench = RecoveryBench {
+                state_mib: a.state_mib,
+                value_bytes: a.value_bytes,
+                preload_clients: a.preload_clients,
+                checkpoint_interval: a.checkpoint_interval,
+                pre_fault_ops: a.pre_fault_ops,
+                max_wait: secs(a.max_wait, "max-wait")?,
+                programs: a.programs.programs()?,
+                keep_dir: a.programs.keep_dir.clone(),
+            };
+            let report = run_recovery(&bench)?;
+            println!("{}", report.line());
+            Ok(())
+        }
+        Command::Bench(Bench::Tenants(a)) => {
+            let bench = TenantsBench {
+                apps: a.apps,
+                f: a.f,
+                full: a.mode == "full",
+                cpu_rounds: a.cpu_rounds,
+                clients_per_app: a.clients_per_app,
+                duration: secs(a.duration, "duration")?,
+                warmup: secs(a.warmup, "warmup")?,
+                programs: a.programs.programs()?,
+                keep_dir: a.programs.keep_dir.clone(),
+            };
+            println!("{}", run_tenants(&bench)?);
+            Ok(())
+        }
         Command::StatefetchServe { args } => {
             zz_statefetch::bench::serve_main(args).context("serving pages for the benchmark")
         }
@@ -182,6 +300,15 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", d.config_path.display());
             Ok(())
         }
+    }
+}
+
+/// `s` seconds, checked to be a non-negative finite number.
+fn secs(s: f64, what: &str) -> Result<Duration> {
+    if s.is_finite() && s >= 0.0 {
+        Ok(Duration::from_secs_f64(s))
+    } else {
+        anyhow::bail!("--{what} must be a non-negative number of seconds")
     }
 }
 
