@@ -734,12 +734,7 @@ impl Outputs {
 /// Appends to `buf` the frame of a [`PeerEnvelope`] carrying the already
 /// encoded `payload`, so a message for all peers is encoded only once.
 fn seal_into(buf: &mut BytesMut, from: ReplicaId, to: ReplicaId, payload: &[u8], key: &MacKey) {
-    let mut h = blake3::Hasher::new_keyed(&key.0);
-    h.update(&from.to_le_bytes());
-    h.update(&to.to_le_bytes());
-    h.update(payload);
-    let mut mac = [0u8; 16];
-    mac.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    let mac = PeerEnvelope::compute_mac(from, to, payload, key);
     let body = codec::encode(&FrameRef::Peer(PeerEnvelopeRef {
         from,
         to,

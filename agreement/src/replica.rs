@@ -406,11 +406,6 @@ impl Replica {
         std::mem::take(&mut self.ready)
     }
 
-    pub fn has_ready(&self) -> bool {
-        !self.ready.is_empty()
-            || (self.view_active && self.is_primary() && !self.unproposed.is_empty())
-    }
-
     // ---------------------------------------------------------------- clients
 
     /// A request received directly from a client.

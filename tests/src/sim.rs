@@ -291,9 +291,6 @@ impl Sim {
             dup: rng.gen_range(0.0..0.1),
             max_delay: rng.gen_range(2..40),
         };
-        let correct: Vec<bool> = (0..n)
-            .map(|i| !byz_ids.contains(&(i as ReplicaId)))
-            .collect();
         Sim {
             n,
             rng,
@@ -305,7 +302,7 @@ impl Sim {
             replicas,
             replica_keys,
             clients,
-            checker: Checker::new(cfg.seed, correct),
+            checker: Checker::new(cfg.seed),
             outcome: Outcome::default(),
             tuning,
             executors,

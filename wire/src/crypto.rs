@@ -57,15 +57,33 @@ impl MacKey {
         out
     }
 
+    /// The MAC of the concatenation of `parts`, without copying them together.
+    pub fn mac_parts(&self, parts: &[&[u8]]) -> Mac {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        for p in parts {
+            h.update(p);
+        }
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        out
+    }
+
     /// Constant-time check of `mac` over `data`.
     pub fn verify(&self, data: &[u8], mac: &Mac) -> bool {
-        let expect = self.mac(data);
-        expect
-            .iter()
-            .zip(mac.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+        macs_equal(&self.mac(data), mac)
     }
+
+    /// Constant-time check of `mac` over the concatenation of `parts`.
+    pub fn verify_parts(&self, parts: &[&[u8]], mac: &Mac) -> bool {
+        macs_equal(&self.mac_parts(parts), mac)
+    }
+}
+
+fn macs_equal(a: &Mac, b: &Mac) -> bool {
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// One MAC per agreement replica, indexed by replica id: lets a client (or a
