@@ -173,6 +173,8 @@ pub struct CoreStatus {
     pub last_executed: u64,
     pub stable_seq: u64,
     pub pending_requests: usize,
+    /// The replicated execution table: every remote app's epoch and sets.
+    pub exec: std::collections::BTreeMap<zz_wire::AppId, crate::execution::AppExecState>,
 }
 
 /// Counters and gauges of one running replica, shared by all its tasks.
@@ -193,6 +195,12 @@ pub struct DriverStats {
     pub connections: AtomicU64,
     /// Inbound connections refused because [`MAX_CONNECTIONS`] were open.
     pub connections_refused: AtomicU64,
+    /// Operator commands with a valid signature.
+    pub operator_commands: AtomicU64,
+    /// Wakes and reimages of the reconfigurations this replica executed
+    /// (counted when an app's epoch advances in the table).
+    pub wakes_ordered: AtomicU64,
+    pub reimages_ordered: AtomicU64,
     peer_connected: Vec<AtomicBool>,
     core: Mutex<CoreStatus>,
 }
@@ -223,8 +231,47 @@ impl DriverStats {
             last_executed: r.last_executed(),
             stable_seq: r.stable_seq(),
             pending_requests: r.pending_requests(),
+            exec: r.exec_table().apps.clone(),
         };
-        *self.core.lock().unwrap_or_else(|e| e.into_inner()) = st;
+        let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
+        for (app, new) in &st.exec {
+            let advanced = core.exec.get(app).map(|old| old.epoch < new.epoch);
+            // Only epochs reached while running count (not the restored one).
+            if advanced == Some(true) {
+                for (_, a) in &new.commands {
+                    match a {
+                        zz_wire::exec::HostAction::Wake => inc(&self.wakes_ordered),
+                        zz_wire::exec::HostAction::Reimage => inc(&self.reimages_ordered),
+                        zz_wire::exec::HostAction::Sleep => {}
+                    }
+                }
+            }
+        }
+        *core = st;
+    }
+
+    /// The status document served at [`crate::status::STATUS_PATH`].
+    pub fn status(&self, me: ReplicaId) -> crate::status::ReplicaStatus {
+        let c = self.core();
+        crate::status::ReplicaStatus {
+            replica: me,
+            view: c.view,
+            view_active: c.view_active,
+            primary: c.primary,
+            last_executed: c.last_executed,
+            stable_seq: c.stable_seq,
+            pending_requests: c.pending_requests,
+            requests_executed: c.metrics.requests_executed,
+            batches_committed: c.metrics.batches_committed,
+            view_changes: c.metrics.view_changes,
+            suspicions: c.metrics.suspicions,
+            reconfigurations: c.metrics.reconfigurations,
+            apps: c
+                .exec
+                .iter()
+                .map(|(a, st)| (*a, crate::status::AppStatus::from_state(st)))
+                .collect(),
+        }
     }
 
     /// The Prometheus text exposition of every counter.
@@ -256,6 +303,12 @@ impl DriverStats {
             ("state_transfers_total", counter, "Checkpoint states installed from peers.", m.state_transfers.to_string()),
             ("checkpoints_stable_total", counter, "Checkpoints that became stable.", m.checkpoints_stable.to_string()),
             ("core_rejected_total", counter, "Peer messages the core rejected.", m.rejected.to_string()),
+            ("orders_sent_total", counter, "Orders sent to execution replicas.", m.orders_sent.to_string()),
+            ("suspicions_total", counter, "Suspects this replica signed against execution replicas.", m.suspicions.to_string()),
+            ("reconfigurations_total", counter, "Ordered reconfigurations of execution replicas executed.", m.reconfigurations.to_string()),
+            ("wakes_ordered_total", counter, "Execution replicas woken by reconfigurations seen in the current table.", self.wakes_ordered.load(Ordering::Relaxed).to_string()),
+            ("reimages_ordered_total", counter, "Execution replicas reimaged by reconfigurations seen in the current table.", self.reimages_ordered.load(Ordering::Relaxed).to_string()),
+            ("operator_commands_total", counter, "Operator commands with a valid signature.", ld(&self.operator_commands)),
             ("view", gauge, "Current view.", c.view.to_string()),
             ("view_active", gauge, "1 if the current view is active.", (c.view_active as u8).to_string()),
             ("primary", gauge, "Primary of the current view.", c.primary.to_string()),
@@ -330,6 +383,8 @@ enum Input {
     Peers(Vec<(ReplicaId, PeerMessage)>),
     Requests(ConnTx, Vec<ClientRequest>),
     Exec(ExecId, ExecMessage),
+    /// An operator command whose signature was verified, and where to answer.
+    Operator(ConnTx, zz_wire::operator::OperatorSigned),
 }
 
 /// Feeds the core messages from execution replicas.
@@ -475,6 +530,7 @@ pub async fn start(opts: DriverOptions) -> Result<DriverHandle, DriverError> {
         peer_mac: opts.keys.peer_mac.clone(),
         max_frame: opts.max_frame,
         stats: stats.clone(),
+        operator_key: cfg.operator_key(),
     });
     tokio::spawn(accept_loop(
         listener,
@@ -600,6 +656,19 @@ impl Core {
                         inc(&self.stats.messages_rejected);
                     }
                 }
+            }
+            Input::Operator(conn, cmd) => {
+                let ack = match self.replica.on_operator(&cmd.body.action) {
+                    Ok(what) => {
+                        tracing::info!(replica = self.out.me, action = ?cmd.body.action, %what, "operator command");
+                        zz_wire::operator::OperatorAck::Accepted(what)
+                    }
+                    Err(why) => {
+                        tracing::warn!(replica = self.out.me, action = ?cmd.body.action, %why, "operator command refused");
+                        zz_wire::operator::OperatorAck::Refused(why)
+                    }
+                };
+                send_ack(&conn, ack, &self.stats);
             }
             Input::Exec(from, msg) => {
                 if let Err(e) = self.replica.on_exec(from, msg) {
@@ -769,6 +838,7 @@ struct ReaderCtx {
     peer_mac: Vec<MacKey>,
     max_frame: usize,
     stats: Arc<DriverStats>,
+    operator_key: Option<ed25519_dalek::VerifyingKey>,
 }
 
 async fn accept_loop(
@@ -856,7 +926,31 @@ async fn serve_connection(
                             }
                         }
                         Ok(Frame::Request(req)) => reqs.push(req),
-                        Ok(Frame::Reply(_)) | Ok(Frame::HostCommand(_)) | Ok(Frame::Exec(_)) => {
+                        Ok(Frame::Operator(cmd)) => {
+                            if ctx.operator_key.is_some_and(|k| cmd.verify(&k)) {
+                                inc(&ctx.stats.operator_commands);
+                                if inputs
+                                    .send(Input::Operator(conn.clone(), cmd))
+                                    .await
+                                    .is_err()
+                                {
+                                    break 'conn;
+                                }
+                            } else {
+                                tracing::warn!(conn = id, "operator command with a bad signature, or no operator key configured");
+                                inc(&ctx.stats.frames_unauthenticated);
+                                let why = "the command is not signed by the config's operator key";
+                                send_ack(
+                                    &conn,
+                                    zz_wire::operator::OperatorAck::Refused(why.into()),
+                                    &ctx.stats,
+                                );
+                            }
+                        }
+                        Ok(Frame::Reply(_))
+                        | Ok(Frame::HostCommand(_))
+                        | Ok(Frame::Exec(_))
+                        | Ok(Frame::OperatorAck(_)) => {
                             // Replicas never receive replies or host commands,
                             // and execution traffic arrives on host-agent links.
                             inc(&ctx.stats.frames_malformed);
@@ -904,6 +998,12 @@ async fn serve_connection(
     ctx.stats.connections.fetch_sub(1, Ordering::Relaxed);
     drop(conn);
     writer.abort();
+}
+
+/// Answers an operator command on its connection.
+fn send_ack(conn: &ConnTx, ack: zz_wire::operator::OperatorAck, stats: &DriverStats) {
+    let body = codec::encode(&Frame::OperatorAck(ack));
+    conn.send(Bytes::from(zz_wire::frame::frame(&body)), stats);
 }
 
 /// Checks a peer envelope's addressing and MAC, and decodes its message.
@@ -1052,6 +1152,8 @@ async fn serve_metrics(listener: TcpListener, stats: Arc<DriverStats>, me: Repli
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let (status, body) = if method == "GET" && (path == "/metrics" || path == "/") {
                 ("200 OK", stats.prometheus(me))
+            } else if method == "GET" && path == crate::status::STATUS_PATH {
+                ("200 OK", stats.status(me).to_json())
             } else {
                 ("404 Not Found", "not found\n".to_string())
             };

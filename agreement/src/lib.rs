@@ -11,6 +11,7 @@
 //!   `zz-agreement` daemon is a thin wrapper around it.
 //! - [`hostlink`]: the links to host agents that carry orders, stable
 //!   checkpoints and host commands to execution replicas, and their answers back.
+//! - [`status`]: the JSON status document an operator reads (`GET /status`).
 
 pub mod app;
 pub mod driver;
@@ -18,6 +19,7 @@ pub mod execution;
 pub mod hostlink;
 pub mod persist;
 pub mod replica;
+pub mod status;
 pub mod viewchange;
 
 pub use replica::{Ready, Rejected, Replica, ReplicaOptions, Target};

@@ -360,6 +360,10 @@ impl Replica {
     pub fn exec_state(&self, app: AppId) -> Option<&crate::execution::AppExecState> {
         self.service.exec.apps.get(&app)
     }
+    /// The replicated execution table (every remote app).
+    pub fn exec_table(&self) -> &crate::execution::ExecTable {
+        &self.service.exec
+    }
     pub fn pending_requests(&self) -> usize {
         self.pending.len()
     }
@@ -1120,6 +1124,53 @@ impl Replica {
             m.add_suspect(s, epoch, self.f);
         }
         self.arm_progress_timer();
+    }
+
+    /// An operator command whose signature the driver verified against the
+    /// config's operator key. `Activate` of a dormant replica makes this
+    /// replica sign a suspect with [`Evidence::Operator`] for the app's
+    /// current epoch: the wake then needs f+1 such suspects, like any other.
+    /// Returns what happened, or why nothing did, for the operator.
+    pub fn on_operator(
+        &mut self,
+        action: &zz_wire::operator::OperatorAction,
+    ) -> Result<String, String> {
+        use zz_wire::operator::OperatorAction;
+        let OperatorAction::Activate { exec, epoch } = action else {
+            return Err("agreement replicas only take `activate` commands".into());
+        };
+        let Some(st) = self.service.exec.apps.get(&exec.app) else {
+            return Err(format!(
+                "app {} is not run by execution replicas here",
+                exec.app
+            ));
+        };
+        if exec.index >= self.service.exec.replicas_per_app {
+            return Err(format!(
+                "app {} has execution replicas 0..{}; there is no replica {}",
+                exec.app, self.service.exec.replicas_per_app, exec.index
+            ));
+        }
+        if *epoch != st.epoch {
+            return Err(format!(
+                "app {} is at epoch {}, the command is for epoch {epoch}; check `zzctl status` and retry",
+                exec.app, st.epoch
+            ));
+        }
+        if st.active.contains(&exec.index) {
+            return Ok(format!("{exec} is already active at epoch {epoch}"));
+        }
+        let app_seq = st.next_app_seq.saturating_sub(1);
+        self.suspect(
+            exec.app,
+            *epoch,
+            app_seq,
+            Evidence::Operator { exec: exec.index },
+        );
+        Ok(format!(
+            "replica {} signed a wake request for {exec} at epoch {epoch}",
+            self.id
+        ))
     }
 
     fn on_suspect(&mut self, from: ReplicaId, s: Signed<Suspect>) -> Result<(), Rejected> {

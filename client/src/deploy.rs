@@ -8,6 +8,7 @@
 //! cluster.toml          the config (paths in it are relative to it)
 //! keys/replica-<i>.key  private keys (hex), mode 0600, in a 0700 directory
 //! keys/client-<id>.key
+//! keys/operator.key     the operator's key (signs `zzctl activate` and `zzctl fault`)
 //! data/                 the replicas' durable state, created by the daemons
 //! logs/replica-<i>.log  daemon output, when started by [`LocalCluster`]
 //! ```
@@ -194,6 +195,9 @@ pub fn write_local(dir: &Path, opts: &DeployOptions) -> Result<Deployment, Deplo
             key_file: Some(key_file),
         });
     }
+    let operator = KeyPair::generate();
+    let operator_key_file = PathBuf::from("keys/operator.key");
+    write_key_file(&dir.join(&operator_key_file), &operator)?;
     let config = ClusterConfig {
         f: opts.f,
         data_dir: PathBuf::from("data"),
@@ -205,6 +209,8 @@ pub fn write_local(dir: &Path, opts: &DeployOptions) -> Result<Deployment, Deplo
         hosts: vec![],
         executors: vec![],
         execution: Default::default(),
+        operator_public_key: Some(hex_public(&operator)),
+        operator_key_file: Some(operator_key_file),
         base_dir: dir.to_path_buf(),
     };
     config.validate()?;

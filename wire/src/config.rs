@@ -186,6 +186,13 @@ pub struct ClusterConfig {
     pub executors: Vec<ExecutorEntry>,
     #[serde(default)]
     pub execution: ExecutionTuning,
+    /// The operator's public key (hex): it signs `zzctl activate` and
+    /// `zzctl fault` commands. Without it those commands are refused.
+    #[serde(default)]
+    pub operator_public_key: Option<String>,
+    /// The operator's private key file (read only by `zzctl`).
+    #[serde(default)]
+    pub operator_key_file: Option<PathBuf>,
     /// Where relative paths are resolved; set when loading, not stored.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -271,6 +278,21 @@ impl ClusterConfig {
             }
             parse_public_key(&r.public_key)
                 .map_err(|e| invalid(format!("{field}.public_key"), e.to_string()))?;
+        }
+        for (i, h) in self.hosts.iter().enumerate() {
+            for (what, a) in [("addr", Some(h.addr)), ("metrics_addr", h.metrics_addr)] {
+                if let Some(a) = a {
+                    if !addrs.insert(a) {
+                        return Err(invalid(
+                            format!("hosts[{i}].{what}"),
+                            format!("address {a} is used twice"),
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(k) = &self.operator_public_key {
+            parse_public_key(k).map_err(|e| invalid("operator_public_key", e.to_string()))?;
         }
         let mut ids = HashSet::new();
         for (i, c) in self.clients.iter().enumerate() {
@@ -404,6 +426,48 @@ impl ClusterConfig {
             }
         }
         Ok(())
+    }
+
+    /// Checks that every private key file the config names exists and is
+    /// readable, naming the field of the first that is not. Daemons read
+    /// only their own key; `zzctl up` calls this first so that a missing
+    /// key stops the whole deployment before anything starts.
+    pub fn check_key_files(&self) -> Result<(), ConfigError> {
+        let mut files: Vec<(String, &Path)> = Vec::new();
+        for (i, r) in self.replicas.iter().enumerate() {
+            files.push((format!("replicas[{i}].key_file"), &r.key_file));
+        }
+        for (i, c) in self.clients.iter().enumerate() {
+            if let Some(k) = &c.key_file {
+                files.push((format!("clients[{i}].key_file"), k));
+            }
+        }
+        for (i, e) in self.executors.iter().enumerate() {
+            files.push((format!("executors[{i}].key_file"), &e.key_file));
+        }
+        if let Some(k) = &self.operator_key_file {
+            files.push(("operator_key_file".into(), k));
+        }
+        for (field, p) in files {
+            let path = self.resolve(p);
+            if let Err(e) = std::fs::File::open(&path) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "cannot read key file {}: {e}; restore it, or run `zzctl init` again",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The operator's public key, if the config has one.
+    pub fn operator_key(&self) -> Option<VerifyingKey> {
+        self.operator_public_key
+            .as_ref()
+            .and_then(|k| parse_public_key(k).ok())
     }
 
     /// Public keys of an app's execution replicas, by index (empty if the

@@ -7,6 +7,7 @@
 //!   pairwise MAC keys derived by Diffie-Hellman over each principal's key.
 //! - [`message`]: protocol messages between clients and agreement replicas.
 //! - [`config`]: the TOML cluster configuration and key files.
+//! - [`operator`]: commands signed by the operator key (`zzctl activate`, `zzctl fault`).
 //!
 //! Decoding arbitrary bytes never panics: every decoder returns a typed [`WireError`].
 
@@ -17,6 +18,7 @@ pub mod exec;
 pub mod frame;
 pub mod ids;
 pub mod message;
+pub mod operator;
 
 pub use ids::{AppId, ClientId, Digest, ReplicaId, Seq, View};
 

@@ -366,6 +366,10 @@ pub enum Frame {
     Exec(crate::exec::ExecEnvelope),
     /// From an agreement replica to a host agent.
     HostCommand(Signed<crate::exec::HostCommand>),
+    /// From the operator (`zzctl`) to an agreement replica or a host agent.
+    Operator(crate::operator::OperatorSigned),
+    /// A daemon's answer to [`Frame::Operator`].
+    OperatorAck(crate::operator::OperatorAck),
 }
 
 #[cfg(test)]
