@@ -177,6 +177,8 @@ pub struct HostStats {
     pub commands_rejected: AtomicU64,
     pub commands_fired: AtomicU64,
     pub commands_failed: AtomicU64,
+    /// Per-replica events and counters for operators (`crate::hostd_ops`).
+    pub ops: crate::hostd_ops::OpsState,
 }
 
 fn inc(c: &AtomicU64) {
@@ -266,6 +268,8 @@ struct Shared {
     gate: Mutex<CommandGate>,
     commands: mpsc::UnboundedSender<Fire>,
     next_conn: AtomicU64,
+    /// Operator commands and status (set once the replicas are started).
+    ops: std::sync::OnceLock<Arc<crate::hostd_ops::Ops>>,
 }
 
 impl Shared {
@@ -498,6 +502,7 @@ pub async fn start(opts: HostdOptions) -> Result<Hostd, HostdError> {
         gate: Mutex::new(gate),
         commands: cmd_tx,
         next_conn: AtomicU64::new(1),
+        ops: std::sync::OnceLock::new(),
     });
 
     // Listen on every replica's socket before starting it.
@@ -561,6 +566,31 @@ pub async fn start(opts: HostdOptions) -> Result<Hostd, HostdError> {
         shutdown_rx.clone(),
     ));
 
+    let ops = Arc::new(crate::hostd_ops::Ops::new(
+        host.name.clone(),
+        cfg.clone(),
+        backend.clone(),
+        placed
+            .iter()
+            .map(|p| crate::hostd_ops::PlacedReplica {
+                exec: p.exec,
+                state_dir: p.state_dir.clone(),
+                log: p.log.clone(),
+            })
+            .collect(),
+        stats.clone(),
+        mode,
+    ));
+    let _ = shared.ops.set(ops.clone());
+    if let Some(maddr) = host.metrics_addr {
+        let l = TcpListener::bind(maddr)
+            .await
+            .map_err(|source| HostdError::Bind {
+                addr: maddr,
+                source,
+            })?;
+        tokio::spawn(crate::hostd_ops::serve_http(l, ops, shutdown_rx.clone()));
+    }
     let listener = TcpListener::bind(host.addr)
         .await
         .map_err(|source| HostdError::Bind {
@@ -594,6 +624,7 @@ async fn command_worker(
         };
         let Some(fire) = fire else { return };
         let b = backend.clone();
+        stats.ops.command_begins(fire.exec, fire.action);
         let done = tokio::task::spawn_blocking(move || {
             let mut b = lock(&b);
             let state = carry_out(&mut *b, fire.exec, fire.action, mode)?;
@@ -607,14 +638,23 @@ async fn command_worker(
         match done {
             Ok(Ok(state)) => {
                 inc(&stats.commands_fired);
+                stats
+                    .ops
+                    .command_ends(fire.exec, fire.action, fire.epoch, true);
                 tracing::info!(exec = %fire.exec, epoch = fire.epoch, action = ?fire.action, %state, "host command done");
             }
             Ok(Err(e)) => {
                 inc(&stats.commands_failed);
+                stats
+                    .ops
+                    .command_ends(fire.exec, fire.action, fire.epoch, false);
                 tracing::error!(exec = %fire.exec, epoch = fire.epoch, action = ?fire.action, error = %e, "host command failed");
             }
             Err(e) => {
                 inc(&stats.commands_failed);
+                stats
+                    .ops
+                    .command_ends(fire.exec, fire.action, fire.epoch, false);
                 tracing::error!(error = %e, "host command task failed");
             }
         }
@@ -771,8 +811,17 @@ async fn executor_read(
 fn relay_fetch(shared: &Shared, exec: ExecId, ff: FetchFrame) {
     let to = ff.to;
     let refusal = ff.unreachable("not connected to this host agent");
+    let pages = match &ff.body {
+        zz_executor::link::FetchBody::Response(zz_statefetch::Response::Pages(p)) => {
+            p.pages.len() as u64
+        }
+        _ => 0,
+    };
     if shared.connected(to) && shared.to_executor(to, &LinkFrame::Fetch(ff)) {
         inc(&shared.stats.fetch_relayed);
+        if pages > 0 {
+            shared.stats.ops.pages_relayed(to, pages);
+        }
     } else if let Some(r) = refusal {
         shared.to_executor(exec, &LinkFrame::Fetch(r));
     }
@@ -854,6 +903,15 @@ async fn agreement_conn(
             let Some(from) = replica else {
                 // The first frame must be a valid hello for this host.
                 let Some(r) = Hello::check(&body, &shared.me, &shared.replica_keys) else {
+                    // Or an operator's command (`zzctl fault`), answered and closed.
+                    if let (Some(cmd), Some(ops), Some(wr)) = (
+                        crate::hostd_ops::as_operator(&body),
+                        shared.ops.get(),
+                        writer.take(),
+                    ) {
+                        crate::hostd_ops::answer_operator(ops.clone(), cmd, wr).await;
+                        return;
+                    }
                     tracing::debug!("bad hello on an agreement link; closing");
                     inc(&stats.hellos_rejected);
                     return;

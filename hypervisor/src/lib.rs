@@ -15,6 +15,8 @@
 //! - [`hostd`]: the host agent daemon (`zz-hostd`): runs this host's
 //!   execution replicas, relays their frames to and from agreement replicas
 //!   and between each other, and carries out authorized host commands.
+//! - [`hostd_ops`]: the host agent's operator side: `/metrics` and `/status`
+//!   over HTTP, and operator-signed fault drills.
 //!
 //! A host agent wires them together: decode a `Signed<HostCommand>`, feed it
 //! to [`CommandGate::on_command`], and for each [`gate::Verdict::Fire`] call
@@ -23,6 +25,7 @@
 pub mod bench;
 pub mod gate;
 pub mod hostd;
+pub mod hostd_ops;
 pub mod lifecycle;
 pub mod process;
 
