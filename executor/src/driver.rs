@@ -238,7 +238,7 @@ pub async fn run(cfg: ExecutorConfig) -> Result<Exit, DriverError> {
 
 /// [`run`], reporting into `stats`.
 pub async fn run_with_stats(
-    cfg: ExecutorConfig,
+    mut cfg: ExecutorConfig,
     stats: Arc<ExecutorStats>,
 ) -> Result<Exit, DriverError> {
     let store_dir = cfg.store_dir.clone();
@@ -535,9 +535,13 @@ fn core_loop(
             }
             next = inputs.try_recv().ok();
         }
+        let before = core.executed();
         let ready = core.ready()?;
         if send_ready(&core, &ctx, &ready) {
             return Ok(Exit::Crashed);
+        }
+        if let Some(r) = &recovering {
+            log_replay(r, before, core.executed());
         }
         if let Some(c) = ready.stable_ahead {
             tracing::info!(
@@ -558,13 +562,15 @@ fn core_loop(
             if Instant::now() >= retry_at {
                 match start_recovery(&mut core, &ctx, &cert) {
                     Ok(r) => {
-                        recovering = Some(r);
                         wanted = None;
                         // Orders buffered above the checkpoint execute now.
+                        let before = core.executed();
                         let ready = core.ready()?;
                         if send_ready(&core, &ctx, &ready) {
                             return Ok(Exit::Crashed);
                         }
+                        log_replay(&r, before, core.executed());
+                        recovering = Some(r);
                     }
                     Err(e) => {
                         tracing::warn!(app_seq = cert.app_seq, error = %e, "recovery could not start; retrying");
@@ -618,6 +624,23 @@ fn core_loop(
             }
         }
     }
+}
+
+/// Logs what executing orders during recovery cost in page fetches.
+fn log_replay(r: &Recovering, before: u64, executed: u64) {
+    if executed <= before {
+        return;
+    }
+    let p = r.view.progress();
+    tracing::info!(
+        executed,
+        orders = executed - before,
+        demand_reads = p.demand_reads,
+        demand_wait_ms = p.demand_wait_us / 1000,
+        fetched = p.fetched,
+        ms = r.started.elapsed().as_millis() as u64,
+        "recovering: executed orders"
+    );
 }
 
 /// Sends a `Ready`'s messages; true if the replica must now crash.

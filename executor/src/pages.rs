@@ -229,6 +229,13 @@ impl Pages for RecoveringState {
 }
 
 impl StateBackend for RecoveringState {
+    fn write_pages(&mut self, pages: &[(u64, &[u8])]) -> Result<(), PageError> {
+        for (_, p) in pages {
+            check_size(p)?;
+        }
+        Ok(self.view.write_pages(pages)?)
+    }
+
     fn checkpoint(&mut self, seq: Seq) -> Result<Option<Digest>, PageError> {
         if !self.is_complete() {
             return Ok(None);

@@ -32,6 +32,9 @@
 //!   transferred with the app's state: a request with the client's last
 //!   executed `req_id` gets the stored result again, an older one is
 //!   skipped (no reply, not in the digest).
+//! - A reply is not sent when a later request of the same client is already
+//!   ordered: that client has accepted it and moved on (a woken replica
+//!   replaying the log skips most replies this way).
 //! - A batch is applied atomically (one store batch, with the superblock
 //!   recording its `app_seq`), so after a crash the state is exactly that
 //!   of the recorded `app_seq`.
@@ -48,7 +51,7 @@ use crate::pmap::{MapError, PagedMap};
 use crate::space::{Region, Superblock, REGION_APP, REGION_REPLIES};
 use crate::tx::Tx;
 use ed25519_dalek::VerifyingKey;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use zz_statefetch::PAGE_SIZE;
 use zz_wire::crypto::{KeyPair, MacKey};
 use zz_wire::exec::{
@@ -213,6 +216,9 @@ pub struct Metrics {
     pub requests_other_app: u64,
     /// Replies not sent because the client's MAC key is unknown.
     pub replies_unaddressed: u64,
+    /// Replies not sent because a later request of the same client is
+    /// already ordered (its client has accepted this one and moved on).
+    pub replies_superseded: u64,
     pub checkpoints_taken: u64,
     /// Checkpoints not taken because the state is still being fetched.
     pub checkpoints_skipped: u64,
@@ -537,7 +543,8 @@ impl ExecutionCore {
             let Some((_, order)) = slot.orders.remove(&d) else {
                 break;
             };
-            self.execute(order)?;
+            let later = self.latest_ordered_requests();
+            self.execute(order, &later)?;
         }
         self.settle_stable()?;
         Ok(std::mem::take(&mut self.ready))
@@ -568,8 +575,29 @@ impl ExecutionCore {
         Ok(())
     }
 
-    /// Executes one ordered batch.
-    fn execute(&mut self, order: Order) -> Result<(), CoreError> {
+    /// The newest request of each client in the orders buffered ahead of
+    /// execution (a woken replica replaying the log has many). A client has
+    /// one request pending at a time, so a client with a later request
+    /// ordered has accepted every earlier one: replies to those are not sent.
+    fn latest_ordered_requests(&self) -> HashMap<ClientId, u64> {
+        let mut latest: HashMap<ClientId, u64> = HashMap::new();
+        for slot in self.slots.values() {
+            for (votes, order) in slot.orders.values() {
+                if *votes <= self.p.f {
+                    continue;
+                }
+                for r in &order.requests {
+                    let e = latest.entry(r.client).or_insert(r.req_id);
+                    *e = (*e).max(r.req_id);
+                }
+            }
+        }
+        latest
+    }
+
+    /// Executes one ordered batch; `later` is the newest request per client
+    /// ordered after it (see [`Self::latest_ordered_requests`]).
+    fn execute(&mut self, order: Order, later: &HashMap<ClientId, u64>) -> Result<(), CoreError> {
         let app_seq = order.app_seq;
         let order_digest = order.digest();
         let mut results: Vec<(ClientId, u64, Vec<u8>)> = Vec::with_capacity(order.requests.len());
@@ -666,6 +694,10 @@ impl ExecutionCore {
         );
         let mut replies = Vec::with_capacity(results.len());
         for (client, req_id, result) in results {
+            if later.get(&client).is_some_and(|l| *l > req_id) {
+                self.metrics.replies_superseded += 1;
+                continue;
+            }
             match self.p.client_macs.get(&client) {
                 Some(k) => replies.push(Reply::new(0, self.p.index, client, req_id, result, k)),
                 None => self.metrics.replies_unaddressed += 1,

@@ -14,11 +14,16 @@
 //!   checked against its verified leaf, with at most `max_in_flight`
 //!   requests outstanding, and written to the local store.
 //! - [`RecoveryView::read`] of a page not yet known good fetches that page
-//!   with its Merkle proof at once (it does not wait for the comparison) and
-//!   blocks until it is verified. A page is never returned unverified. While
-//!   such a read is waiting, the background issues no new requests, so
-//!   reads are not stalled behind it; and the page is handed to the reader
-//!   before it is written to the local store.
+//!   with its Merkle proof at once (it does not wait for the comparison),
+//!   together with up to `readahead_pages` following pages not yet present
+//!   (values spanning pages are read in order), and blocks until it is
+//!   verified. A page is never returned unverified. While such a read is
+//!   waiting, and for `demand_quiet` after, the background issues at most
+//!   one request, so the executor's reads do not queue behind background
+//!   batches; the page is handed to the reader before it is written to the
+//!   local store, and background batches are written outside the view lock.
+//! - A read's fetch not answered within `hedge_after` is also sent to the
+//!   next source; the first verified reply wins.
 //! - A source whose reply fails verification is reported
 //!   ([`RecoveryEvent::SourceFault`]) and excluded, and the request goes to
 //!   another source. Transport failures are reported and retried elsewhere
@@ -32,9 +37,9 @@ use crate::proto::{self, FetchError, Request};
 use crate::source::PageSource;
 use crate::store::{PageStore, StoreError};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use zz_wire::{Digest, Seq};
@@ -59,6 +64,19 @@ pub struct RecoveryConfig {
     pub max_rounds: usize,
     /// Pause between passes (multiplied by the pass number).
     pub retry_backoff: Duration,
+    /// A read's fetch that has no answer after this long is also sent to
+    /// the next source (a hedged request): the first verified reply wins, so
+    /// a slow, dying or silent source delays a read by this much, not by the
+    /// source's timeout.
+    pub hedge_after: Duration,
+    /// A read that must fetch its page also fetches up to this many
+    /// following pages not yet present, in the same request: values that
+    /// span pages are read in order, so one round trip serves the whole read.
+    pub readahead_pages: usize,
+    /// For this long after a read had to fetch, the background keeps at
+    /// most one request in flight, so the executor's next demand read does
+    /// not queue behind background batches at the sources.
+    pub demand_quiet: Duration,
 }
 
 impl Default for RecoveryConfig {
@@ -69,10 +87,15 @@ impl Default for RecoveryConfig {
             chunk_level: 10,
             max_rounds: 3,
             retry_backoff: Duration::from_millis(100),
+            demand_quiet: Duration::from_millis(50),
+            readahead_pages: 15,
+            hedge_after: Duration::from_millis(20),
         }
     }
 }
 
+/// Pages per background request while reads fetch on demand.
+const DEMAND_TIME_BATCH: usize = 8;
 /// Largest node range asked in one request (2 MiB of hashes).
 const MAX_NODES: u64 = 1 << 16;
 /// Events kept until [`RecoveryView::take_events`]; later faults are only counted.
@@ -128,6 +151,10 @@ pub struct Progress {
     pub faults: u64,
     pub compared: bool,
     pub finished: bool,
+    /// Reads that had to fetch their page (or wait for one in flight).
+    pub demand_reads: u64,
+    /// Total time readers spent blocked on fetches, in microseconds.
+    pub demand_wait_us: u64,
 }
 
 const UNKNOWN: u8 = 0;
@@ -135,6 +162,12 @@ const MISSING: u8 = 1;
 const PRESENT: u8 = 2;
 const STATE_MASK: u8 = 3;
 const IN_FLIGHT: u8 = 4;
+/// A fetched page being written to the store outside the view lock; an
+/// executor write to it waits, so it cannot be overwritten by the fetch.
+const STORING: u8 = 8;
+/// In a background batch. A reader does not wait for it (the batch may sit
+/// behind a slow source): it fetches the page itself.
+const BG_FLIGHT: u8 = 16;
 
 struct ViewState {
     status: Vec<u8>,
@@ -151,9 +184,17 @@ struct ViewState {
     compared: bool,
     outcome: Option<Result<(), String>>,
     written: bool,
+    demand_reads: u64,
+    demand_wait_us: u64,
 }
 
 impl ViewState {
+    /// Accounts one read that blocked on a fetch since `since`.
+    fn count_demand(&mut self, since: Instant) {
+        self.demand_reads += 1;
+        self.demand_wait_us += since.elapsed().as_micros() as u64;
+    }
+
     fn state(&self, i: u64) -> u8 {
         self.status[i as usize] & STATE_MASK
     }
@@ -165,6 +206,24 @@ impl ViewState {
     fn set_in_flight(&mut self, i: u64, on: bool) {
         let s = &mut self.status[i as usize];
         *s = if on { *s | IN_FLIGHT } else { *s & !IN_FLIGHT };
+    }
+
+    fn bg_flight(&self, i: u64) -> bool {
+        self.status[i as usize] & BG_FLIGHT != 0
+    }
+
+    fn set_bg_flight(&mut self, i: u64, on: bool) {
+        let s = &mut self.status[i as usize];
+        *s = if on { *s | BG_FLIGHT } else { *s & !BG_FLIGHT };
+    }
+
+    fn storing(&self, i: u64) -> bool {
+        self.status[i as usize] & STORING != 0
+    }
+
+    fn set_storing(&mut self, i: u64, on: bool) {
+        let s = &mut self.status[i as usize];
+        *s = if on { *s | STORING } else { *s & !STORING };
     }
 
     fn set_state(&mut self, i: u64, new: u8) {
@@ -183,7 +242,7 @@ impl ViewState {
             _ => {}
         }
         let s = &mut self.status[i as usize];
-        *s = (*s & IN_FLIGHT) | new;
+        *s = (*s & !STATE_MASK) | new;
         if new == PRESENT {
             self.leaf.remove(&i);
         }
@@ -201,6 +260,10 @@ struct Shared {
     next_source: AtomicUsize,
     /// Reads waiting on a fetch; the background holds back while non-zero.
     demand: AtomicUsize,
+    /// When the view opened; `last_demand_us` counts from it.
+    opened: Instant,
+    /// When a read last had to fetch (microseconds since `opened`, 0: never).
+    last_demand_us: AtomicU64,
     st: Mutex<ViewState>,
     cond: Condvar,
     changed: watch::Sender<u64>,
@@ -278,6 +341,75 @@ impl Shared {
         Err(RecoveryError::Unavailable { rounds, last })
     }
 
+    /// [`ask`](Self::ask) for a reader: sources are asked one after another,
+    /// the next one also when the previous has not answered within
+    /// `hedge_after`; the first reply passing `check` is returned. If every
+    /// source fails, falls back to `ask` (retry passes with backoff).
+    async fn ask_hedged<T>(
+        &self,
+        request: Request,
+        check: impl Fn(proto::Response) -> Result<T, FetchError>,
+    ) -> Result<T, RecoveryError> {
+        let k = self.sources.len();
+        let first = self.next_source.fetch_add(1, Ordering::Relaxed);
+        let order: Vec<usize> = {
+            let st = self.lock();
+            (0..k)
+                .map(|j| (first + j) % k)
+                .filter(|i| !st.excluded[*i])
+                .collect()
+        };
+        if order.is_empty() {
+            return Err(RecoveryError::NoHonestSource);
+        }
+        // Dropping the set (on return) cancels the calls still pending.
+        let mut calls: JoinSet<(usize, Result<proto::Response, FetchError>)> = JoinSet::new();
+        let launch = |calls: &mut JoinSet<_>, i: usize| {
+            let source = self.sources[i].clone();
+            let request = request.clone();
+            calls.spawn(async move { (i, source.call(request).await) });
+        };
+        launch(&mut calls, order[0]);
+        let mut next = 1;
+        loop {
+            let hedge = tokio::time::sleep(self.config.hedge_after);
+            tokio::select! {
+                joined = calls.join_next() => {
+                    let Some(joined) = joined else { break };
+                    let Ok((i, reply)) = joined else { continue };
+                    match reply.and_then(&check) {
+                        Ok(v) => return Ok(v),
+                        Err(e) => {
+                            self.report(i, e);
+                            if next < order.len() {
+                                launch(&mut calls, order[next]);
+                                next += 1;
+                            }
+                        }
+                    }
+                }
+                () = hedge, if next < order.len() => {
+                    launch(&mut calls, order[next]);
+                    next += 1;
+                }
+            }
+        }
+        self.ask(request, check).await
+    }
+
+    /// How many background requests may be in flight now: one while the
+    /// executor has recently had to fetch (it is likely replaying orders and
+    /// will read again soon), else the configured bound.
+    fn background_limit(&self) -> usize {
+        let last = self.last_demand_us.load(Ordering::Relaxed);
+        let now = self.opened.elapsed().as_micros() as u64;
+        if last != 0 && now.saturating_sub(last) < self.config.demand_quiet.as_micros() as u64 {
+            1
+        } else {
+            self.config.max_in_flight.max(1)
+        }
+    }
+
     /// Waits while reads are waiting on fetches.
     async fn yield_to_demand(&self) {
         loop {
@@ -298,6 +430,8 @@ impl Shared {
             faults: st.faults,
             compared: st.compared,
             finished: st.outcome.is_some(),
+            demand_reads: st.demand_reads,
+            demand_wait_us: st.demand_wait_us,
         }
     }
 
@@ -321,6 +455,8 @@ impl Shared {
 struct InFlight {
     sh: Arc<Shared>,
     pages: Vec<u64>,
+    /// A background batch (its pages carry `BG_FLIGHT`, not `IN_FLIGHT`).
+    background: bool,
 }
 
 impl Drop for InFlight {
@@ -331,7 +467,11 @@ impl Drop for InFlight {
         {
             let mut st = self.sh.lock();
             for &p in &self.pages {
-                st.set_in_flight(p, false);
+                if self.background {
+                    st.set_bg_flight(p, false);
+                } else {
+                    st.set_in_flight(p, false);
+                }
             }
         }
         self.sh.notify();
@@ -344,6 +484,8 @@ struct Demand(Arc<Shared>);
 impl Demand {
     fn new(sh: Arc<Shared>) -> Demand {
         sh.demand.fetch_add(1, Ordering::SeqCst);
+        let now = (sh.opened.elapsed().as_micros() as u64).max(1);
+        sh.last_demand_us.store(now, Ordering::Relaxed);
         Demand(sh)
     }
 }
@@ -359,12 +501,13 @@ impl Drop for Demand {
 /// page became present meanwhile (read it again).
 type Delivery = Result<Option<Vec<u8>>, RecoveryError>;
 
-/// Fetches page `index` with its proof and verifies it against the root;
-/// hands it to the reader through `deliver`, then writes it to the store.
+/// Fetches `indices` (the reader's page first, then readahead) with their
+/// proofs and verifies each against the root; hands the reader's page to it
+/// through `deliver`, then writes the pages to the store.
 async fn fetch_one(
     mut guard: InFlight,
     demand: Demand,
-    index: u64,
+    indices: Vec<u64>,
     deliver: oneshot::Sender<Delivery>,
 ) {
     let sh = guard.sh.clone();
@@ -372,18 +515,22 @@ async fn fetch_one(
     let request = Request::Pages {
         seq,
         root,
-        indices: vec![index],
+        indices: indices.clone(),
         proofs: true,
     };
     let fetched = sh
-        .ask(request, |resp| {
-            let reply = proto::check_pages(seq, root, Some(n), &[index], resp)?;
+        .ask_hedged(request, |resp| {
+            let reply = proto::check_pages(seq, root, Some(n), &indices, resp)?;
             proto::verify_with_proofs(&root, &reply)?;
             Ok(reply)
         })
         .await;
-    let data = match fetched {
-        Ok(mut reply) => Arc::new(std::mem::take(&mut reply.pages[0].data)),
+    let pages: Vec<(u64, Arc<Vec<u8>>)> = match fetched {
+        Ok(reply) => reply
+            .pages
+            .into_iter()
+            .map(|p| (p.index, Arc::new(p.data)))
+            .collect(),
         Err(e) => {
             drop(guard);
             drop(demand);
@@ -391,33 +538,47 @@ async fn fetch_one(
             return;
         }
     };
-    let staged = {
+    // check_pages returned the pages in the order asked: the reader's first.
+    let mine = pages[0].1.clone();
+    let staged: Vec<(u64, Arc<Vec<u8>>)> = {
         let mut st = sh.lock();
-        st.set_in_flight(index, false);
         guard.pages.clear();
-        if st.state(index) == PRESENT {
-            false
-        } else {
-            st.set_state(index, PRESENT);
-            st.staged.insert(index, data.clone());
-            st.fetched += 1;
-            true
-        }
-    };
-    drop(demand);
-    let _ = deliver.send(Ok(staged.then(|| data.as_ref().clone())));
-    if staged {
-        // Persist after the reader has its page. Only if still staged: an
-        // executor write since then must not be overwritten.
-        let mut st = sh.lock();
-        if st.staged.get(&index).is_some_and(|d| Arc::ptr_eq(d, &data)) {
-            match sh.store.write_page(index, &data) {
-                Ok(()) => {
-                    st.staged.remove(&index);
-                }
-                Err(e) => tracing::error!("statefetch: storing page {index}: {e}"),
+        let mut staged = Vec::with_capacity(pages.len());
+        for (index, data) in pages {
+            st.set_in_flight(index, false);
+            if st.state(index) != PRESENT {
+                st.set_state(index, PRESENT);
+                st.staged.insert(index, data.clone());
+                st.fetched += 1;
+                staged.push((index, data));
             }
         }
+        staged
+    };
+    let reader_staged = staged.first().is_some_and(|(i, _)| *i == indices[0]);
+    drop(demand);
+    let _ = deliver.send(Ok(reader_staged.then(|| mine.as_ref().clone())));
+    if !staged.is_empty() {
+        // Persist after the reader has its page. Only pages still staged:
+        // an executor write since then must not be overwritten.
+        let mut st = sh.lock();
+        let still: Vec<&(u64, Arc<Vec<u8>>)> = staged
+            .iter()
+            .filter(|(i, d)| st.staged.get(i).is_some_and(|s| Arc::ptr_eq(s, d)))
+            .collect();
+        match sh
+            .store
+            .write_pages(still.iter().map(|(i, d)| (*i, d.as_slice())))
+        {
+            Ok(()) => {
+                for (i, _) in still {
+                    st.staged.remove(i);
+                }
+            }
+            Err(e) => tracing::error!("statefetch: storing fetched pages: {e}"),
+        }
+        drop(st);
+        sh.notify();
     }
 }
 
@@ -447,34 +608,52 @@ async fn fetch_batch(mut guard: InFlight) -> Result<(), RecoveryError> {
             Ok(reply)
         })
         .await;
-    let result = {
+    let fresh: Vec<proto::PageData> = {
         let mut st = sh.lock();
         for &p in &pages {
-            st.set_in_flight(p, false);
+            st.set_bg_flight(p, false);
         }
         guard.pages.clear();
         match fetched {
             Ok(reply) => {
-                // Under the view lock, so an executor write cannot slip in
-                // between the check and the store write.
-                let fresh: Vec<&proto::PageData> = reply
+                // Claimed under the view lock and written outside it: an
+                // executor write to a page being stored waits (STORING), so
+                // it cannot slip in between the check and the store write,
+                // and reads are not held up by the store write.
+                let fresh: Vec<proto::PageData> = reply
                     .pages
-                    .iter()
+                    .into_iter()
                     .filter(|p| st.state(p.index) != PRESENT)
                     .collect();
-                let r = sh
-                    .store
-                    .write_pages(fresh.iter().map(|p| (p.index, p.data.as_slice())));
-                if r.is_ok() {
-                    for p in &fresh {
-                        st.set_state(p.index, PRESENT);
-                    }
-                    st.fetched += fresh.len() as u64;
+                for p in &fresh {
+                    st.set_in_flight(p.index, true);
+                    st.set_storing(p.index, true);
                 }
-                r.map_err(RecoveryError::from)
+                fresh
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                drop(st);
+                sh.notify();
+                return Err(e);
+            }
         }
+    };
+    let stored = sh
+        .store
+        .write_pages(fresh.iter().map(|p| (p.index, p.data.as_slice())));
+    let result = {
+        let mut st = sh.lock();
+        for p in &fresh {
+            st.set_storing(p.index, false);
+            st.set_in_flight(p.index, false);
+        }
+        if stored.is_ok() {
+            for p in &fresh {
+                st.set_state(p.index, PRESENT);
+            }
+            st.fetched += fresh.len() as u64;
+        }
+        stored.map_err(RecoveryError::from)
     };
     sh.notify();
     result
@@ -602,16 +781,23 @@ async fn run_background(sh: Arc<Shared>) -> Result<(), RecoveryError> {
         if tasks.len() < max {
             sh.yield_to_demand().await;
         }
-        while tasks.len() < max {
+        while tasks.len() < sh.background_limit().min(max) {
             let want_fetch = queue.len() >= batch || (todo.is_empty() && !queue.is_empty());
             if want_fetch {
+                // Small batches while the executor reads on demand: its
+                // next fetch waits behind at most this one.
+                let batch = if sh.background_limit() == 1 {
+                    batch.min(DEMAND_TIME_BATCH)
+                } else {
+                    batch
+                };
                 let pages: Vec<u64> = {
                     let mut st = sh.lock();
                     let mut pages = Vec::with_capacity(batch);
                     while pages.len() < batch {
                         let Some(p) = queue.pop_front() else { break };
-                        if st.state(p) == MISSING && !st.in_flight(p) {
-                            st.set_in_flight(p, true);
+                        if st.state(p) == MISSING && !st.in_flight(p) && !st.bg_flight(p) {
+                            st.set_bg_flight(p, true);
                             pages.push(p);
                         }
                     }
@@ -623,6 +809,7 @@ async fn run_background(sh: Arc<Shared>) -> Result<(), RecoveryError> {
                     let guard = InFlight {
                         sh: sh.clone(),
                         pages,
+                        background: true,
                     };
                     tasks.spawn(async move { fetch_batch(guard).await.map(|()| Work::Fetched) });
                 }
@@ -643,7 +830,7 @@ async fn run_background(sh: Arc<Shared>) -> Result<(), RecoveryError> {
                 let mut left = Vec::new();
                 let mut busy = false;
                 for i in 0..n {
-                    match (st.state(i), st.in_flight(i)) {
+                    match (st.state(i), st.in_flight(i) || st.bg_flight(i)) {
                         (PRESENT, _) => {}
                         (_, true) => busy = true,
                         (MISSING, false) => left.push(i),
@@ -695,7 +882,8 @@ pub struct RecoveryView {
 enum Claim {
     /// Present: the staged copy if not yet in the store.
     Present(Option<Arc<Vec<u8>>>),
-    Fetch,
+    /// Fetch these pages (the reader's first), now marked in flight.
+    Fetch(Vec<u64>),
     Wait,
 }
 
@@ -717,6 +905,8 @@ impl RecoveryView {
             config,
             next_source: AtomicUsize::new(0),
             demand: AtomicUsize::new(0),
+            opened: Instant::now(),
+            last_demand_us: AtomicU64::new(0),
             st: Mutex::new(ViewState {
                 status: Vec::new(),
                 leaf: HashMap::new(),
@@ -730,6 +920,8 @@ impl RecoveryView {
                 compared: false,
                 outcome: None,
                 written: false,
+                demand_reads: 0,
+                demand_wait_us: 0,
             }),
             sources,
             cond: Condvar::new(),
@@ -824,21 +1016,33 @@ impl RecoveryView {
             Claim::Wait
         } else {
             st.set_in_flight(index, true);
-            Claim::Fetch
+            let mut pages = vec![index];
+            let end = index
+                .saturating_add(1 + self.shared.config.readahead_pages as u64)
+                .min(self.shared.num_pages);
+            for j in index + 1..end {
+                if st.state(j) == PRESENT || st.in_flight(j) {
+                    break;
+                }
+                st.set_in_flight(j, true);
+                pages.push(j);
+            }
+            Claim::Fetch(pages)
         }
     }
 
     /// Starts a demand fetch of `index` (claimed by the caller) on the runtime.
-    fn start_fetch(&self, index: u64) -> oneshot::Receiver<Delivery> {
+    fn start_fetch(&self, pages: Vec<u64>) -> oneshot::Receiver<Delivery> {
         let guard = InFlight {
             sh: self.shared.clone(),
-            pages: vec![index],
+            pages: pages.clone(),
+            background: false,
         };
         let demand = Demand::new(self.shared.clone());
         let (tx, rx) = oneshot::channel();
         // A separate task, so that a caller giving up on the read cannot
         // leave the page marked in flight.
-        self.runtime.spawn(fetch_one(guard, demand, index, tx));
+        self.runtime.spawn(fetch_one(guard, demand, pages, tx));
         rx
     }
 
@@ -858,8 +1062,8 @@ impl RecoveryView {
             let claim = self.claim(&mut self.shared.lock(), index);
             match claim {
                 Claim::Present(staged) => return self.present(index, staged),
-                Claim::Fetch => {
-                    let delivered = self.start_fetch(index).await.map_err(|_| {
+                Claim::Fetch(pages) => {
+                    let delivered = self.start_fetch(pages).await.map_err(|_| {
                         RecoveryError::Background("fetch task ended early".into())
                     })??;
                     if let Some(page) = delivered {
@@ -878,24 +1082,31 @@ impl RecoveryView {
     pub fn read_blocking(&self, index: u64) -> Result<Vec<u8>, RecoveryError> {
         self.check_index(index)?;
         let mut st = self.shared.lock();
+        let mut blocked_since = None;
         loop {
             match self.claim(&mut st, index) {
                 Claim::Present(staged) => {
+                    if let Some(t0) = blocked_since {
+                        st.count_demand(t0);
+                    }
                     drop(st);
                     return self.present(index, staged);
                 }
                 Claim::Wait => {
+                    blocked_since.get_or_insert_with(Instant::now);
                     st = self.shared.cond.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
-                Claim::Fetch => {
+                Claim::Fetch(pages) => {
+                    let t0 = *blocked_since.get_or_insert_with(Instant::now);
                     drop(st);
-                    let delivered = self.start_fetch(index).blocking_recv().map_err(|_| {
+                    let delivered = self.start_fetch(pages).blocking_recv().map_err(|_| {
                         RecoveryError::Background("fetch task ended early".into())
                     })??;
+                    st = self.shared.lock();
                     if let Some(page) = delivered {
+                        st.count_demand(t0);
                         return Ok(page);
                     }
-                    st = self.shared.lock();
                 }
             }
         }
@@ -904,13 +1115,24 @@ impl RecoveryView {
     /// Writes page `index` (executor writes during recovery); the page no
     /// longer needs fetching. Indices past C's pages grow the state.
     pub fn write(&self, index: u64, data: &[u8]) -> Result<(), RecoveryError> {
+        self.write_pages(&[(index, data)])
+    }
+
+    /// Writes several pages as one store batch (see [`Self::write`]).
+    pub fn write_pages(&self, pages: &[(u64, &[u8])]) -> Result<(), RecoveryError> {
         {
             let mut st = self.shared.lock();
-            self.shared.store.write_page(index, data)?;
+            let n = self.shared.num_pages;
+            while pages.iter().any(|(i, _)| *i < n && st.storing(*i)) {
+                st = self.shared.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            self.shared.store.write_pages(pages.iter().copied())?;
             st.written = true;
-            if index < self.shared.num_pages {
-                st.staged.remove(&index);
-                st.set_state(index, PRESENT);
+            for (index, _) in pages {
+                if *index < n {
+                    st.staged.remove(index);
+                    st.set_state(*index, PRESENT);
+                }
             }
         }
         self.shared.notify();

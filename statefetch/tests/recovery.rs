@@ -220,3 +220,49 @@ async fn blocking_reads_writes_and_fresh_replica() {
         Err(RecoveryError::Modified(5))
     ));
 }
+
+/// A peer that has died without closing its connection: it answers each
+/// request only after an hour (real sources time out long before).
+struct Unresponsive(LocalSource);
+
+impl PageSource for Unresponsive {
+    fn name(&self) -> String {
+        "unresponsive".into()
+    }
+
+    fn call(
+        &self,
+        request: zz_statefetch::proto::Request,
+    ) -> zz_statefetch::source::SourceFuture<'_> {
+        Box::pin(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            self.0.call(request).await
+        })
+    }
+}
+
+/// Reads are hedged: with one source silent, every read is served by the
+/// other after `hedge_after`, neither waiting for the silent source nor
+/// for background batches stuck behind it. Virtual time (paused clock), so
+/// the bound checked is the protocol's, not the machine's speed.
+#[tokio::test(start_paused = true)]
+async fn a_silent_source_delays_reads_only_by_the_hedge() {
+    let s = setup(96, 3, 5);
+    let honest: Arc<dyn PageSource> = Arc::new(LocalSource::new(s.honest.clone(), "honest"));
+    let silent: Arc<dyn PageSource> =
+        Arc::new(Unresponsive(LocalSource::new(s.honest.clone(), "silent")));
+    // The honest source first: opening asks one source without hedging.
+    let view = RecoveryView::open(s.local.clone(), s.cert, vec![honest, silent], config())
+        .await
+        .unwrap();
+    let t0 = tokio::time::Instant::now();
+    for &i in &s.changed {
+        assert_eq!(view.read(i).await.unwrap(), truth(&s, i), "page {i}");
+    }
+    let waited = t0.elapsed();
+    let bound = config().hedge_after * (s.changed.len() as u32 + 1);
+    assert!(
+        waited <= bound,
+        "reads took {waited:?} of virtual time, more than one hedge delay each ({bound:?})"
+    );
+}
