@@ -6,12 +6,17 @@
 //! - [`bench_zz`]: benchmarks of the whole system as processes (agreement
 //!   daemons, a host agent and its execution replicas): recovery from a
 //!   wrong-reply fault, and several tenants under load.
+//! - [`ops`]: the operator commands (init, up, down, status, kv, activate,
+//!   fault, completions) and their exit codes.
+//! - [`demo`]: `zzctl demo`, a whole fault-and-repair cycle on this machine.
 //!
 //! Local deployments (config, keys, daemon processes) are written and run by
 //! [`zz_client::deploy`].
 
 pub mod bench;
 pub mod bench_zz;
+pub mod demo;
+pub mod ops;
 
 use std::path::PathBuf;
 

@@ -5,15 +5,24 @@
 //! zzctl bench statefetch --state-mib 1024 --dirty-pages 1000
 //! zzctl bench recovery --state-mib 256
 //! zzctl bench tenants --apps 4 --f 1 --mode zz|full
-//! zzctl init --dir DIR [--f 1] [--clients 1]
+//! zzctl init --dir DIR [--f 1] [--apps kv1,kv2] [--hosts local,...] [--allow-fault-injection]
+//! zzctl up|down|status [--json] --dir DIR
+//! zzctl kv put|get|del --dir DIR APP KEY [VALUE]
+//! zzctl activate --dir DIR APP REPLICA
+//! zzctl fault --dir DIR APP REPLICA [PLAN]
+//! zzctl demo
+//! zzctl completions bash|zsh|fish
 //! ```
+//!
+//! Exit codes: 0 success, 1 the operation failed, 2 bad command line,
+//! 3 invalid config or keys (nothing started), 4 deployment not running,
+//! 5 refused by the deployment (see `zzctl::ops`).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use zz_client::deploy::{write_local, DeployOptions};
 use zz_wire::config::AgreementTuning;
 use zzctl::bench::{run_agreement, AgreementBench};
 use zzctl::bench_zz::{run_recovery, run_tenants, Programs, RecoveryBench, TenantsBench};
@@ -31,8 +40,8 @@ enum Command {
     /// Benchmarks; each prints one machine-readable line last.
     #[command(subcommand)]
     Bench(Bench),
-    /// Write keys and config for a local deployment on 127.0.0.1.
-    Init(InitArgs),
+    #[command(flatten)]
+    Ops(zzctl::ops::OpsCommand),
     /// The page-serving peer process of `bench statefetch` (internal).
     #[command(name = "__statefetch-serve", hide = true)]
     StatefetchServe {
@@ -186,25 +195,12 @@ struct AgreementArgs {
     batch_max_requests: Option<usize>,
 }
 
-#[derive(Args, Debug)]
-struct InitArgs {
-    /// Directory to write (created if needed).
-    #[arg(long)]
-    dir: PathBuf,
-    /// Faults tolerated; 3f+1 replicas are configured.
-    #[arg(long, default_value_t = 1)]
-    f: usize,
-    /// Clients to create keys for.
-    #[arg(long, default_value_t = 1)]
-    clients: usize,
-}
-
 fn main() {
     let cli = Cli::parse();
     init_logging();
     if let Err(e) = run(cli) {
         eprintln!("zzctl: error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(zzctl::ops::exit_code(&e));
     }
 }
 
@@ -289,16 +285,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::StatefetchServe { args } => {
             zz_statefetch::bench::serve_main(args).context("serving pages for the benchmark")
         }
-        Command::Init(i) => {
-            let opts = DeployOptions {
-                f: i.f,
-                clients: i.clients,
-                ..Default::default()
-            };
-            let d = write_local(&i.dir, &opts)
-                .with_context(|| format!("writing a deployment to {}", i.dir.display()))?;
-            println!("{}", d.config_path.display());
-            Ok(())
+        Command::Ops(op) => {
+            use clap::CommandFactory;
+            zzctl::ops::run(op, &mut Cli::command())
         }
     }
 }
