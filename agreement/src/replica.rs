@@ -113,6 +113,8 @@ impl Ready {
 pub struct ReplicaMetrics {
     pub requests_accepted: u64,
     pub requests_executed: u64,
+    /// Client requests committed in the log (for any app, local or remote).
+    pub requests_ordered: u64,
     pub batches_committed: u64,
     pub view_changes: u64,
     pub new_views: u64,
@@ -881,6 +883,7 @@ impl Replica {
         }
         self.last_executed = seq;
         self.metrics.batches_committed += 1;
+        self.metrics.requests_ordered += batch.requests.len() as u64;
         self.executed.insert(seq, (digest, batch.clone()));
         self.ready
             .committed

@@ -33,6 +33,8 @@ pub struct ReplicaStatus {
     pub stable_seq: u64,
     pub pending_requests: usize,
     pub requests_executed: u64,
+    /// Client requests committed in the log, for any app.
+    pub requests_ordered: u64,
     pub batches_committed: u64,
     pub view_changes: u64,
     pub suspicions: u64,

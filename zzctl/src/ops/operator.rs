@@ -192,18 +192,24 @@ pub fn activate(a: &ActivateArgs) -> Result<()> {
         println!("{exec}: activation requested at epoch {}", app.epoch);
         return Ok(());
     }
+    // Woken: its host agent carried out a Wake at a later epoch. (Once all
+    // replicas agree, a verdict may put it back to sleep: the lowest f+1
+    // correct replicas stay active.)
     let start = Instant::now();
     loop {
         let st = status::collect(&cfg);
-        let app = st.apps.iter().find(|x| x.id == exec.app);
-        if let Some(e) = app.and_then(|x| x.executors.iter().find(|e| e.index == exec.index)) {
-            if app.is_some_and(|x| x.active.contains(&exec.index))
-                && ["active", "recovering"].contains(&e.state.as_str())
-            {
+        let app_now = st.apps.iter().find(|x| x.id == exec.app);
+        if let Some(e) = app_now.and_then(|x| x.executors.iter().find(|e| e.index == exec.index)) {
+            let woke_at = (e.last_host_command.as_deref() == Some("Wake"))
+                .then_some(e.last_host_command_epoch)
+                .flatten()
+                .filter(|ep| *ep > app.epoch);
+            let active_now =
+                app_now.is_some_and(|x| x.epoch > app.epoch && x.active.contains(&exec.index));
+            if let Some(ep) = woke_at.or(active_now.then_some(e.epoch)) {
                 println!(
-                    "{exec} is {} at epoch {} ({:.1} s)",
+                    "{exec} woken at epoch {ep}; now {} ({:.1} s)",
                     e.state,
-                    e.epoch,
                     start.elapsed().as_secs_f64()
                 );
                 return Ok(());
@@ -211,7 +217,7 @@ pub fn activate(a: &ActivateArgs) -> Result<()> {
         }
         if start.elapsed() > Duration::from_secs(a.timeout) {
             bail!(
-                "{exec} was not active within {} s; see `zzctl status` and the logs in {}/logs",
+                "{exec} was not woken within {} s; see `zzctl status` and the logs in {}/logs",
                 a.timeout,
                 a.dir.dir.display()
             );

@@ -146,6 +146,10 @@ pub struct ExecutorSummary {
     pub missing_pages: Option<u64>,
     pub pages_fetched: u64,
     pub recovery: Option<RecoveryDoc>,
+    /// The last host command its host agent carried out (`Wake`, `Sleep`,
+    /// `Reimage`, with ` (failed)` if it failed), and that command's epoch.
+    pub last_host_command: Option<String>,
+    pub last_host_command_epoch: Option<u64>,
 }
 
 /// `GET path` from a daemon's HTTP port; the body of a 200 answer.
@@ -299,6 +303,8 @@ pub fn collect(cfg: &ClusterConfig) -> DeploymentStatus {
                 missing_pages: missing,
                 pages_fetched: h.map(|x| x.pages_fetched).unwrap_or(0),
                 recovery: h.and_then(|x| x.recovery.clone()),
+                last_host_command: h.and_then(|x| x.last_command.clone()),
+                last_host_command_epoch: h.and_then(|x| x.last_command_epoch),
             });
         }
         out.apps.push(summary);

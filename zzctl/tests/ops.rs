@@ -1,0 +1,463 @@
+//! The operator commands on real processes: `zzctl init`, `up`, `status`,
+//! `kv`, `activate`, `fault` and `down` drive a local deployment (4
+//! `zz-agreement`, one `zz-hostd` and its `zz-executor`s), each output is
+//! checked, including the fields of `status --json`; every daemon's metrics
+//! endpoint is scraped over HTTP; and bad configs are refused, each in one
+//! message naming the field, with nothing started.
+//!
+//! The daemons must be built beside `zzctl` (`cargo build --bins`, as
+//! `scripts/test` does); a missing one fails the test with that hint.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use zz_wire::config::ClusterConfig;
+use zzctl::ops::daemons::{config_path, deployment_processes};
+use zzctl::ops::status::http_get;
+
+fn zzctl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_zzctl"))
+}
+
+fn require_daemons() {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_zzctl"));
+    for d in ["zz-agreement", "zz-hostd", "zz-executor"] {
+        let p = exe.with_file_name(d);
+        assert!(
+            p.is_file(),
+            "{} is not built; run `cargo build --bins` (scripts/test does) first",
+            p.display()
+        );
+    }
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    let mut c = zzctl();
+    c.args(args).arg("--dir").arg(dir);
+    c.output().unwrap()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Runs and requires success; returns stdout.
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let o = run(dir, args);
+    let (out, err) = text(&o);
+    assert!(
+        o.status.success(),
+        "zzctl {args:?} failed ({:?}):\nstdout:\n{out}\nstderr:\n{err}",
+        o.status.code()
+    );
+    out
+}
+
+fn status_json(dir: &Path) -> Value {
+    let out = ok(dir, &["status", "--json"]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {out}"))
+}
+
+fn app<'a>(st: &'a Value, name: &str) -> &'a Value {
+    st["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == name)
+        .unwrap_or_else(|| panic!("no app {name} in {st}"))
+}
+
+fn exec_state(st: &Value, name: &str, index: u64) -> String {
+    app(st, name)["executors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["index"] == index)
+        .unwrap()["state"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Polls `status --json` until `pred` holds; panics with the last status after `limit`.
+fn wait_status(dir: &Path, what: &str, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let st = status_json(dir);
+        if pred(&st) {
+            return st;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out waiting for {what}; last status:\n{st:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Scrapes `GET /metrics` and checks the Prometheus text format: every
+/// sample line is `name{labels} value` with a `# TYPE` line for its family.
+/// Returns samples by bare name (summed over label sets).
+fn scrape(addr: std::net::SocketAddr) -> std::collections::BTreeMap<String, f64> {
+    let body = http_get(addr, "/metrics", Duration::from_secs(5)).unwrap();
+    let mut types = std::collections::BTreeSet::new();
+    let mut out = std::collections::BTreeMap::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut p = rest.split_whitespace();
+            let name = p.next().unwrap();
+            let kind = p.next().unwrap();
+            assert!(
+                ["counter", "gauge", "summary", "histogram"].contains(&kind),
+                "bad type line {line}"
+            );
+            types.insert(name.to_string());
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (key, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample {line}"));
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line}"));
+        let name = key.split('{').next().unwrap();
+        assert!(
+            key == name || (key.contains("=\"") && key.ends_with('}')),
+            "bad labels in {line}"
+        );
+        let family = name
+            .strip_suffix("_sum")
+            .or_else(|| name.strip_suffix("_count"))
+            .filter(|f| types.contains(*f))
+            .unwrap_or(name);
+        assert!(types.contains(family), "sample {name} has no # TYPE line");
+        *out.entry(name.to_string()).or_insert(0.0) += v;
+    }
+    out
+}
+
+fn assert_has(m: &std::collections::BTreeMap<String, f64>, names: &[&str], who: &str) {
+    for n in names {
+        assert!(m.contains_key(*n), "{who} metrics lack {n}: {m:?}");
+    }
+}
+
+/// Stops the deployment if a test panics half-way.
+struct Down(PathBuf);
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = run(&self.0, &["down"]);
+    }
+}
+
+#[test]
+fn operator_commands_drive_a_deployment_of_real_processes() {
+    require_daemons();
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("d");
+    let d = dir.as_path();
+
+    // init
+    let o = zzctl()
+        .args(["init", "--dir"])
+        .arg(d)
+        .args(["--f", "1", "--apps", "kv1,kv2", "--allow-fault-injection"])
+        .args(["--checkpoint-interval", "8"])
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(PathBuf::from(out.trim()), d.join("cluster.toml"));
+    assert!(err.contains("kv1: replicas 0@h0 1@h0 2@h0"), "{err}");
+    let cfg = ClusterConfig::load(&d.join("cluster.toml")).unwrap();
+    assert!(cfg.execution.allow_fault_injection);
+    assert!(cfg.operator_public_key.is_some());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for e in std::fs::read_dir(d.join("keys")).unwrap() {
+            let m = e.unwrap().metadata().unwrap().permissions().mode();
+            assert_eq!(m & 0o777, 0o600);
+        }
+    }
+
+    // status before up: not running (exit 4)
+    let o = run(d, &["status"]);
+    assert_eq!(o.status.code(), Some(4), "{:?}", text(&o));
+    assert!(text(&o).1.contains("zzctl up"), "{:?}", text(&o));
+
+    // up, twice
+    let _guard = Down(dir.clone());
+    let out = ok(d, &["up"]);
+    assert_eq!(out.matches(" started (pid ").count(), 5, "{out}");
+    assert!(out.contains("hostd-h0"), "{out}");
+    let out = ok(d, &["up"]);
+    assert_eq!(out.matches("already running").count(), 5, "{out}");
+    for n in ["replica-0", "replica-3", "hostd-h0"] {
+        assert!(d.join(format!("run/{n}.pid")).is_file());
+        assert!(d.join(format!("logs/{n}.log")).is_file());
+    }
+
+    // status --json: the cluster fields and every executor's host, epoch, state
+    let st = wait_status(
+        d,
+        "2 active and 1 dormant replica per app",
+        Duration::from_secs(30),
+        |st| {
+            ["kv1", "kv2"].iter().all(|a| {
+                exec_state(st, a, 0) == "active"
+                    && exec_state(st, a, 1) == "active"
+                    && exec_state(st, a, 2) == "dormant-paused"
+            })
+        },
+    );
+    assert_eq!(st["f"], 1);
+    let ag = &st["agreement"];
+    assert_eq!(ag["up"], 4);
+    for f in ["view", "primary", "last_committed", "stable_seq"] {
+        assert!(ag[f].is_u64(), "agreement.{f} missing in {st}");
+    }
+    assert_eq!(ag["replicas"].as_array().unwrap().len(), 4);
+    assert_eq!(st["hosts"][0]["name"], "h0");
+    assert_eq!(st["hosts"][0]["up"], true);
+    for a in ["kv1", "kv2"] {
+        let ap = app(&st, a);
+        assert_eq!(ap["epoch"], 0);
+        assert_eq!(ap["active"], serde_json::json!([0, 1]));
+        let execs = ap["executors"].as_array().unwrap();
+        assert_eq!(execs.len(), 3);
+        for e in execs {
+            assert_eq!(e["host"], "h0");
+            assert_eq!(e["epoch"], 0);
+            for f in ["index", "state", "lifecycle", "pages_fetched"] {
+                assert!(!e[f].is_null(), "executor field {f} missing in {e}");
+            }
+        }
+        assert_eq!(execs[2]["lifecycle"], "paused");
+    }
+    // the table for people
+    let table = ok(d, &["status"]);
+    assert!(table.contains("agreement: view 0, primary 0"), "{table}");
+    assert!(table.contains("dormant-paused"), "{table}");
+
+    // kv
+    assert_eq!(
+        ok(d, &["kv", "put", "kv1", "greeting", "hello"]).trim(),
+        "stored"
+    );
+    assert_eq!(ok(d, &["kv", "get", "kv1", "greeting"]).trim(), "hello");
+    assert_eq!(
+        ok(d, &["kv", "put", "kv1", "greeting", "hi"]).trim(),
+        "stored (replaced)"
+    );
+    assert_eq!(ok(d, &["kv", "del", "kv1", "greeting"]).trim(), "deleted");
+    let o = run(d, &["kv", "get", "kv1", "greeting"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).1.contains("no value under `greeting`"),
+        "{:?}",
+        text(&o)
+    );
+    let o = run(d, &["kv", "get", "nosuch", "k"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("no app `nosuch`"), "{:?}", text(&o));
+    // enough writes for stable execution checkpoints (interval 8)
+    for i in 0..20 {
+        let v = format!("v{i}");
+        ok(d, &["kv", "put", "kv1", &format!("k{i}"), &v]);
+    }
+
+    // activate: operator-signed wake of kv2's dormant replica
+    let out = ok(d, &["activate", "kv2", "2", "--timeout", "60"]);
+    assert!(
+        out.matches("signed a wake request for app2/exec2 at epoch 0")
+            .count()
+            >= 2,
+        "{out}"
+    );
+    assert!(out.contains("app2/exec2 woken at epoch 1"), "{out}");
+    wait_status(d, "kv2 at epoch 1", Duration::from_secs(10), |st| {
+        app(st, "kv2")["epoch"].as_u64().unwrap() >= 1
+    });
+    // a replica that does not exist
+    let o = run(d, &["activate", "kv2", "9"]);
+    assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));
+    assert!(
+        text(&o).1.contains("there is no replica 9"),
+        "{:?}",
+        text(&o)
+    );
+
+    // fault: replica 0 of kv1 answers wrongly from now on
+    let out = ok(d, &["fault", "kv1", "0", "wrong_replies_from=1"]);
+    assert!(out.contains("installed on app1/exec0"), "{out}");
+    // clients still get correct results (f+1 matching replies)
+    assert_eq!(
+        ok(d, &["kv", "put", "kv1", "after", "fault"]).trim(),
+        "stored"
+    );
+    assert_eq!(ok(d, &["kv", "get", "kv1", "k3"]).trim(), "v3");
+    let st = wait_status(d, "kv1 repaired", Duration::from_secs(60), |st| {
+        let a = app(st, "kv1");
+        a["faulty"] == serde_json::json!([0])
+            && a["recovering"] == false
+            && a["active"] == serde_json::json!([1, 2])
+            && exec_state(st, "kv1", 0) == "dormant-paused"
+    });
+    let a = app(&st, "kv1");
+    assert!(a["epoch"].as_u64().unwrap() >= 2, "{st}");
+    assert_eq!(exec_state(&st, "kv1", 2), "active");
+    assert_eq!(a["executors"][0]["last_host_command"], "Reimage");
+    assert_eq!(ok(d, &["kv", "get", "kv1", "after"]).trim(), "fault");
+
+    // metrics of every daemon, over HTTP, in Prometheus text format
+    for r in &cfg.replicas {
+        let m = scrape(r.metrics_addr.unwrap());
+        assert_has(
+            &m,
+            &[
+                "zz_requests_ordered_total",
+                "zz_batches_committed_total",
+                "zz_view_changes_total",
+                "zz_suspicions_total",
+                "zz_wakes_ordered_total",
+                "zz_reimages_ordered_total",
+                "zz_frames_malformed_total",
+                "zz_frames_unauthenticated_total",
+                "zz_operator_commands_total",
+            ],
+            &format!("replica {}", r.id),
+        );
+        assert!(m["zz_requests_ordered_total"] >= 25.0, "{m:?}");
+        assert!(m["zz_batches_committed_total"] >= 1.0, "{m:?}");
+    }
+    let total = |name: &str| -> f64 {
+        cfg.replicas
+            .iter()
+            .map(|r| scrape(r.metrics_addr.unwrap())[name])
+            .sum()
+    };
+    assert!(total("zz_suspicions_total") >= 2.0);
+    assert!(total("zz_operator_commands_total") >= 4.0);
+    let h = scrape(cfg.hosts[0].metrics_addr.unwrap());
+    assert_has(
+        &h,
+        &[
+            "zz_host_wakes_total",
+            "zz_host_reimages_total",
+            "zz_host_pages_fetched_total",
+            "zz_host_frames_malformed_total",
+            "zz_host_frames_dropped_total",
+            "zz_host_recovery_seconds_sum",
+            "zz_host_recovery_seconds_count",
+            "zz_host_fault_drills_total",
+        ],
+        "host agent",
+    );
+    assert!(h["zz_host_wakes_total"] >= 2.0, "{h:?}");
+    assert!(h["zz_host_reimages_total"] >= 1.0, "{h:?}");
+    assert_eq!(h["zz_host_fault_drills_total"], 1.0, "{h:?}");
+    // kv1's woken replica fetched the pages of a stable checkpoint
+    assert!(h["zz_host_pages_fetched_total"] >= 1.0, "{h:?}");
+    assert!(h["zz_host_recovery_seconds_count"] >= 1.0, "{h:?}");
+
+    // down, twice; then nothing of the deployment runs
+    let out = ok(d, &["down"]);
+    assert!(
+        out.contains("nothing of this deployment is running"),
+        "{out}"
+    );
+    assert!(deployment_processes(&config_path(d)).is_empty());
+    assert_eq!(ok(d, &["down"]).trim(), "nothing was running");
+    let o = run(d, &["status"]);
+    assert_eq!(o.status.code(), Some(4));
+}
+
+/// Writes a deployment, breaks it with `edit`, and checks that `up` refuses
+/// it with exit code 3 in one message naming `field`, starting nothing.
+fn refused(edit: impl FnOnce(&Path, &mut ClusterConfig), field: &str) {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("d");
+    let o = zzctl()
+        .args(["init", "--dir"])
+        .arg(&d)
+        .args(["--apps", "kv1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{:?}", text(&o));
+    let path = d.join("cluster.toml");
+    let mut cfg = ClusterConfig::load(&path).unwrap();
+    edit(&d, &mut cfg);
+    cfg.save(&path).unwrap();
+    let o = run(&d, &["up"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(3), "stdout {out}\nstderr {err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one message: {err}");
+    assert!(
+        err.contains(&format!("`{field}`")),
+        "{err} does not name {field}"
+    );
+    assert!(!d.join("run").exists() || std::fs::read_dir(d.join("run")).unwrap().count() == 0);
+    assert!(deployment_processes(&config_path(&d)).is_empty());
+}
+
+#[test]
+fn bad_configs_are_refused_naming_the_field_and_nothing_starts() {
+    require_daemons();
+    refused(
+        |d, _| std::fs::remove_file(d.join("keys/replica-2.key")).unwrap(),
+        "replicas[2].key_file",
+    );
+    refused(
+        |_, c| c.replicas[1].addr = c.replicas[0].addr,
+        "replicas[1].addr",
+    );
+    refused(
+        |_, c| c.hosts[0].metrics_addr = c.replicas[3].metrics_addr,
+        "hosts[0].metrics_addr",
+    );
+    refused(|_, c| c.f = 2, "f");
+    refused(|_, c| c.apps[0].kind = "nosuch".into(), "apps[0].kind");
+    // An unknown app kind on the command line is a usage error.
+    let t = tempfile::tempdir().unwrap();
+    let o = zzctl()
+        .args(["init", "--dir"])
+        .arg(t.path())
+        .args(["--apps", "x:nosuch"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("unknown app kind `nosuch`"));
+}
+
+#[test]
+fn fault_needs_fault_injection_and_completions_are_generated() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("d");
+    let o = zzctl().args(["init", "--dir"]).arg(&d).output().unwrap();
+    assert!(o.status.success());
+    let o = run(&d, &["fault", "kv1", "0"]);
+    assert_eq!(o.status.code(), Some(5), "{:?}", text(&o));
+    assert!(
+        text(&o).1.contains("--allow-fault-injection"),
+        "{:?}",
+        text(&o)
+    );
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef zzctl"),
+        ("fish", "complete -c zzctl"),
+    ] {
+        let o = zzctl().args(["completions", shell]).output().unwrap();
+        assert!(o.status.success());
+        let s = String::from_utf8_lossy(&o.stdout);
+        assert!(s.contains(marker) && s.contains("activate"), "{shell}: {s}");
+    }
+}
