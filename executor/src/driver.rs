@@ -86,6 +86,10 @@ pub struct ExecutorConfig {
     pub retry: Duration,
     /// The core thread wakes at least this often (recovery progress).
     pub tick: Duration,
+    /// An already connected stream to use instead of connecting to
+    /// `socket` (a guest's bridge to its virtio-serial port, see
+    /// [`crate::guest`]).
+    pub stream: Option<std::os::unix::net::UnixStream>,
 }
 
 impl ExecutorConfig {
@@ -104,6 +108,7 @@ impl ExecutorConfig {
             connect_timeout: Duration::from_secs(30),
             retry: Duration::from_secs(1),
             tick: Duration::from_millis(100),
+            stream: None,
         }
     }
 }
@@ -264,7 +269,16 @@ pub async fn run_with_stats(
     let core = ExecutionCore::new(cfg.params.clone(), cfg.app.build(), Box::new(store.clone()))?;
     tracing::info!(exec = %me, app = %cfg.app, executed = core.executed(), "state opened");
 
-    let stream = connect(&cfg.socket, cfg.connect_timeout).await?;
+    let stream = match cfg.stream.take() {
+        Some(s) => s
+            .set_nonblocking(true)
+            .and_then(|()| UnixStream::from_std(s))
+            .map_err(|source| DriverError::Connect {
+                path: cfg.socket.clone(),
+                source,
+            })?,
+        None => connect(&cfg.socket, cfg.connect_timeout).await?,
+    };
     tracing::info!(exec = %me, socket = %cfg.socket.display(), "connected to the host agent");
     let (rd, mut wr) = stream.into_split();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();

@@ -31,6 +31,7 @@
 pub mod app;
 pub mod driver;
 pub mod fault;
+pub mod guest;
 pub mod kv;
 pub mod link;
 pub mod pages;

@@ -68,8 +68,10 @@ use zz_wire::message::Frame;
 use zz_wire::ReplicaId;
 
 use crate::gate::{CommandGate, Fire, Verdict};
+use crate::hostbackend::HostBackend;
 use crate::lifecycle::{carry_out, DormantMode, LifecycleError, ReplicaLifecycle, ReplicaSpec};
 use crate::process::{ProcessBackend, ProcessConfig};
+use crate::vmlink::GuestReady;
 
 /// Most bytes queued for one connection before frames to it are dropped.
 const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
@@ -89,6 +91,18 @@ pub enum HostdError {
          support yet; use backend = \"process\""
     )]
     Backend { host: String, backend: String },
+    #[error(transparent)]
+    Libvirt(#[from] crate::libvirt::LibvirtError),
+    #[error(
+        "guest {path} did not announce itself within {secs} s after booting (see its \
+         console log {log}); the machine may be overloaded or the image broken \
+         (rebuild it with `cargo run -p zzctl -- image build`)"
+    )]
+    GuestTimeout {
+        path: PathBuf,
+        log: PathBuf,
+        secs: u64,
+    },
     #[error("fault plans are given, but the config does not set execution.allow_fault_injection")]
     FaultsNotAllowed,
     #[error("a fault plan names {0}, which is not placed on this host")]
@@ -133,6 +147,8 @@ pub struct HostdOptions {
     /// Fault plans for drills, written into the replicas' state folders
     /// before they start (allowed only with `execution.allow_fault_injection`).
     pub faults: Vec<(ExecId, FaultPlan)>,
+    /// Settings of a host on the libvirt backend.
+    pub vm: crate::hostd_vm::VmOptions,
 }
 
 impl HostdOptions {
@@ -153,6 +169,7 @@ impl HostdOptions {
             executor,
             dir,
             faults: Vec::new(),
+            vm: crate::hostd_vm::VmOptions::default(),
         }
     }
 }
@@ -353,7 +370,7 @@ fn io_err<'a>(
 pub struct Hostd {
     pub stats: Arc<HostStats>,
     pub addr: std::net::SocketAddr,
-    backend: Arc<Mutex<ProcessBackend>>,
+    backend: Arc<Mutex<HostBackend>>,
     placed: Vec<Placed>,
     shutdown: watch::Sender<bool>,
 }
@@ -386,6 +403,9 @@ impl Hostd {
                 if let Err(err) = b.destroy(e) {
                     tracing::warn!(exec = %e, error = %err, "destroy at shutdown failed");
                 }
+            }
+            if let HostBackend::Libvirt(l) = &mut *b {
+                l.remove_all();
             }
         })
         .await
@@ -434,7 +454,8 @@ pub async fn start(opts: HostdOptions) -> Result<Hostd, HostdError> {
         .find(|h| h.name == opts.host)
         .cloned()
         .ok_or_else(|| HostdError::UnknownHost(opts.host.clone()))?;
-    if host.backend != "process" {
+    let on_vms = host.backend == "libvirt";
+    if !on_vms && host.backend != "process" {
         return Err(HostdError::Backend {
             host: host.name,
             backend: host.backend,
@@ -505,8 +526,19 @@ pub async fn start(opts: HostdOptions) -> Result<Hostd, HostdError> {
         ops: std::sync::OnceLock::new(),
     });
 
-    // Listen on every replica's socket before starting it.
-    for p in &placed {
+    // Listen on every replica's socket before starting it; for a VM,
+    // libvirt binds it and the host agent connects (crate::vmlink).
+    let guest_ready = Arc::new(GuestReady::default());
+    for p in placed.iter().filter(|_| on_vms) {
+        tokio::spawn(vm_link(
+            p.exec,
+            p.socket.clone(),
+            shared.clone(),
+            shutdown_rx.clone(),
+            guest_ready.clone(),
+        ));
+    }
+    for p in placed.iter().filter(|_| !on_vms) {
         let _ = std::fs::remove_file(&p.socket);
         let l = UnixListener::bind(&p.socket).map_err(io_err("cannot listen on", &p.socket))?;
         tokio::spawn(executor_accept(
@@ -523,18 +555,30 @@ pub async fn start(opts: HostdOptions) -> Result<Hostd, HostdError> {
         "--config".to_string(),
         config_path.to_string_lossy().into_owned(),
     ]);
-    let backend = Arc::new(Mutex::new(ProcessBackend::new(pcfg)));
+    let backend = Arc::new(Mutex::new(if on_vms {
+        crate::hostd_vm::libvirt_backend(&opts, &host).await?
+    } else {
+        HostBackend::Process(ProcessBackend::new(pcfg))
+    }));
+    let vm_spec = on_vms.then(|| crate::hostd_vm::SpecFiles::new(&opts, &config_path));
     {
         let backend = backend.clone();
         let placed = placed.clone();
         let faults = opts.faults.clone();
         let f = cfg.f as u32;
         let all_active = cfg.execution.all_active;
-        tokio::task::spawn_blocking(move || -> Result<(), HostdError> {
+        let logs: HashMap<ExecId, PathBuf> =
+            placed.iter().map(|p| (p.exec, p.log.clone())).collect();
+        let sleeper = backend.clone();
+        let started = tokio::task::spawn_blocking(move || -> Result<Vec<ExecId>, HostdError> {
             let mut b = lock(&backend);
+            let mut to_sleep = Vec::new();
             for p in &placed {
                 let mut spec = ReplicaSpec::new(p.exec, &p.state_dir, &p.socket);
                 spec.log = Some(p.log.clone());
+                if let Some(files) = &vm_spec {
+                    files.apply(&mut spec)?;
+                }
                 b.define(spec)?;
                 if let Some((_, plan)) = faults.iter().find(|(e, _)| *e == p.exec) {
                     let path = p.state_dir.join(zz_executor::setup::FAULTS_FILE);
@@ -544,18 +588,26 @@ pub async fn start(opts: HostdOptions) -> Result<Hostd, HostdError> {
                 }
                 b.start(p.exec)?;
                 if p.exec.index > f && !all_active {
-                    carry_out(&mut *b, p.exec, HostAction::Sleep, mode)?;
+                    if vm_spec.is_some() {
+                        // A VM sleeps once booted, so waking it costs no boot.
+                        to_sleep.push(p.exec);
+                    } else {
+                        carry_out(&mut *b, p.exec, HostAction::Sleep, mode)?;
+                    }
                 }
                 tracing::info!(exec = %p.exec, state = %b.state(p.exec)?, "replica started");
             }
-            Ok(())
+            Ok(to_sleep)
         })
         .await
         .map_err(|e| HostdError::Internal(e.to_string()))??;
+        crate::hostd_vm::sleep_when_ready(&sleeper, started, &guest_ready, mode, &opts.vm, &logs)
+            .await?;
     }
     tokio::spawn(command_worker(
         cmd_rx,
         backend.clone(),
+        on_vms.then(|| guest_ready.clone()),
         mode,
         stats.clone(),
         shutdown_rx.clone(),
@@ -612,7 +664,8 @@ pub async fn start(opts: HostdOptions) -> Result<Hostd, HostdError> {
 /// Carries out authorized commands one at a time, in the order they fired.
 async fn command_worker(
     mut rx: mpsc::UnboundedReceiver<Fire>,
-    backend: Arc<Mutex<ProcessBackend>>,
+    backend: Arc<Mutex<HostBackend>>,
+    guest_ready: Option<Arc<GuestReady>>,
     mode: DormantMode,
     stats: Arc<HostStats>,
     mut shutdown: watch::Receiver<bool>,
@@ -625,9 +678,14 @@ async fn command_worker(
         let Some(fire) = fire else { return };
         let b = backend.clone();
         stats.ops.command_begins(fire.exec, fire.action);
+        let booted = guest_ready.as_ref().map(|r| r.count(fire.exec));
         let done = tokio::task::spawn_blocking(move || {
             let mut b = lock(&b);
             let state = carry_out(&mut *b, fire.exec, fire.action, mode)?;
+            if fire.action == HostAction::Reimage && booted.is_some() {
+                // A rebuilt VM is put to sleep once it has booted (below).
+                return Ok(state);
+            }
             if fire.action == HostAction::Reimage {
                 // A rebuilt replica is dormant until a Wake names it.
                 return carry_out(&mut *b, fire.exec, HostAction::Sleep, mode);
@@ -635,6 +693,12 @@ async fn command_worker(
             Ok::<_, LifecycleError>(state)
         })
         .await;
+        let done = match (done, &guest_ready, booted) {
+            (Ok(Ok(_)), Some(ready), Some(n)) if fire.action == HostAction::Reimage => {
+                crate::hostd_vm::sleep_after_boot(&backend, fire.exec, ready, n, mode).await
+            }
+            (d, _, _) => d,
+        };
         match done {
             Ok(Ok(state)) => {
                 inc(&stats.commands_fired);
@@ -663,7 +727,7 @@ async fn command_worker(
 
 /// Logs replicas that die on their own (they stay dead until woken or reimaged).
 async fn watchdog(
-    backend: Arc<Mutex<ProcessBackend>>,
+    backend: Arc<Mutex<HostBackend>>,
     execs: Vec<ExecId>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -719,6 +783,58 @@ async fn executor_accept(
                 continue;
             }
         };
+        attach_executor(&shared, exec, stream, BytesMut::new(), &shutdown);
+    }
+}
+
+/// Keeps a VM replica's port connected: connect to the socket libvirt
+/// binds, complete the handshake ([`crate::vmlink`]), relay until the stream
+/// closes (the VM stopped or was saved), and start over.
+async fn vm_link(
+    exec: ExecId,
+    socket: PathBuf,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    ready: Arc<GuestReady>,
+) {
+    let mut wait = Duration::from_millis(5);
+    loop {
+        let attempt = tokio::select! {
+            a = crate::vmlink::connect(&socket) => a,
+            _ = shutdown.changed() => return,
+        };
+        match attempt {
+            Ok((stream, rest)) => {
+                wait = Duration::from_millis(5);
+                ready.announce(exec);
+                let reader = attach_executor(&shared, exec, stream, rest, &shutdown);
+                let _ = reader.await;
+            }
+            Err(_) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => return,
+                }
+                wait = (wait * 2).min(Duration::from_millis(50));
+            }
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
+
+/// Makes `stream` the executor's connection (frames kept while it was away
+/// go first) and relays what it sends, starting with `rest`; the returned
+/// task ends when the stream closes.
+fn attach_executor(
+    shared: &Arc<Shared>,
+    exec: ExecId,
+    stream: tokio::net::UnixStream,
+    rest: BytesMut,
+    shutdown: &watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    {
         let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let (conn, rx) = Conn::new(id);
         let (rd, wr) = stream.into_split();
@@ -744,27 +860,27 @@ async fn executor_accept(
         let sh = shared.clone();
         let sd = shutdown.clone();
         tokio::spawn(async move {
-            executor_read(rd, exec, &sh, sd).await;
+            executor_read(rd, rest, exec, &sh, sd).await;
             let mut r = sh.routes();
             if r.executors.get(&exec).is_some_and(|c| c.id == id) {
                 r.executors.remove(&exec);
                 drop(r);
                 tracing::info!(%exec, "executor disconnected");
             }
-        });
+        })
     }
 }
 
 /// Relays what one executor sends.
 async fn executor_read(
     mut rd: tokio::net::unix::OwnedReadHalf,
+    mut buf: BytesMut,
     exec: ExecId,
     shared: &Shared,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let stats = &shared.stats;
     let decoder = FrameDecoder::new(MAX_LINK_FRAME);
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);

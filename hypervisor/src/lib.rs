@@ -6,8 +6,10 @@
 //!   replica states, typed errors, and [`carry_out`], which maps an
 //!   authorized `Wake`/`Sleep`/`Reimage` to lifecycle calls.
 //! - [`process`]: the process backend, each replica a child process paused
-//!   with SIGSTOP/SIGCONT; the default on a laptop and for tests. A libvirt
-//!   backend (crate `virt`) is a later addition behind the same trait.
+//!   with SIGSTOP/SIGCONT; the default on a laptop and for tests.
+//! - [`libvirt`]: the libvirt backend, each replica a QEMU VM booting the
+//!   guest image (crate `zz-images`); [`vmlink`]: the host side of a VM's
+//!   virtio-serial stream; [`hostbackend`]: either backend behind one type.
 //! - [`gate`]: the sans-IO [`CommandGate`]: a host command is carried out only
 //!   once f+1 distinct agreement replicas sent it, validly signed, so f
 //!   Byzantine agreement replicas can neither wake, pause nor destroy anything.
@@ -24,10 +26,14 @@
 
 pub mod bench;
 pub mod gate;
+pub mod hostbackend;
 pub mod hostd;
 pub mod hostd_ops;
+pub mod hostd_vm;
+pub mod libvirt;
 pub mod lifecycle;
 pub mod process;
+pub mod vmlink;
 
 pub use gate::{CommandGate, Fire, Ignored, Rejected, Verdict};
 pub use lifecycle::{

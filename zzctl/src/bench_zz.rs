@@ -79,6 +79,8 @@ pub struct SystemSpec {
     pub hostd_env: Vec<(String, String)>,
     /// Start every execution replica active (`execution.all_active`).
     pub all_active: bool,
+    /// Run the execution replicas as VMs (libvirt backend) instead of processes.
+    pub vm: Option<crate::bench_vm::VmSpec>,
 }
 
 /// A running process deployment: hostd and the agreement daemons. Dropping
@@ -116,6 +118,9 @@ pub fn write_deployment(dir: &Path, spec: &SystemSpec) -> Result<Deployment> {
         libvirt_uri: None,
         metrics_addr: None,
     });
+    if let Some(vm) = &spec.vm {
+        vm.apply(&mut cfg);
+    }
     for app in 1..=spec.apps {
         cfg.apps.push(AppEntry {
             id: app,
@@ -164,6 +169,11 @@ impl System {
         for (k, v) in &spec.hostd_env {
             cmd.env(k, v);
         }
+        let mut listen_wait = Duration::from_secs(30);
+        if let Some(vm) = &spec.vm {
+            vm.prepare(dir, &mut cmd)?;
+            listen_wait = vm.boot_timeout;
+        }
         let hostd = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -183,7 +193,7 @@ impl System {
             if let Some(Ok(Some(s))) = sys.hostd.as_mut().map(|c| c.try_wait()) {
                 bail!("zz-hostd exited ({s}); see {}", sys.hostd_log.display());
             }
-            if start.elapsed() > Duration::from_secs(30) {
+            if start.elapsed() > listen_wait {
                 bail!("zz-hostd did not listen; see {}", sys.hostd_log.display());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -326,11 +336,15 @@ pub struct RecoveryBench {
     pub max_wait: Duration,
     pub programs: Programs,
     pub keep_dir: Option<PathBuf>,
+    /// Execution replicas in VMs (libvirt) instead of processes.
+    pub vm: Option<crate::bench_vm::VmSpec>,
 }
 
 /// The outcome of `bench recovery`.
 #[derive(Clone, Debug)]
 pub struct RecoveryReport {
+    /// `process` or `libvirt`.
+    pub backend: &'static str,
     pub state_mib: u64,
     pub detect_ms: f64,
     pub wake_ms: f64,
@@ -342,8 +356,9 @@ impl RecoveryReport {
     /// The machine-readable summary line.
     pub fn line(&self) -> String {
         format!(
-            "bench=recovery backend=process state_mib={} detect_ms={:.1} wake_ms={:.1} \
+            "bench=recovery backend={} state_mib={} detect_ms={:.1} wake_ms={:.1} \
              first_correct_reply_ms={:.1} full_state_ms={:.1}",
+            self.backend,
             self.state_mib,
             self.detect_ms,
             self.wake_ms,
@@ -405,6 +420,7 @@ pub fn run_recovery(b: &RecoveryBench) -> Result<RecoveryReport> {
         faults: vec![format!("{KV}/0:wrong_replies_from={fault_seq}")],
         hostd_env: vec![],
         all_active: false,
+        vm: b.vm.clone(),
     };
     let mut sys = System::start(&dir, &spec, &b.programs)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -673,6 +689,7 @@ fn evaluate_recovery(
         eprintln!("zzctl bench: replica 0 reimaged at +{:.1} ms", ms(at));
     }
     Ok(RecoveryReport {
+        backend: if b.vm.is_some() { "libvirt" } else { "process" },
         state_mib: b.state_mib,
         detect_ms: ms(detect_at),
         wake_ms: ms(wake_at),
@@ -718,6 +735,7 @@ pub fn run_tenants(b: &TenantsBench) -> Result<String> {
             format!("kv+cpu={}", b.cpu_rounds),
         )],
         all_active: b.full,
+        vm: None,
     };
     let mut sys = System::start(&dir, &spec, &b.programs)?;
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -9,13 +9,17 @@
 //! - [`ops`]: the operator commands (init, up, down, status, kv, activate,
 //!   fault, completions) and their exit codes.
 //! - [`demo`]: `zzctl demo`, a whole fault-and-repair cycle on this machine.
+//! - [`bench_vm`]: `--backend libvirt` for those: execution replicas as VMs.
+//! - [`image`]: `zzctl image build`, the guest VM image (crate `zz-images`).
 //!
 //! Local deployments (config, keys, daemon processes) are written and run by
 //! [`zz_client::deploy`].
 
 pub mod bench;
+pub mod bench_vm;
 pub mod bench_zz;
 pub mod demo;
+pub mod image;
 pub mod ops;
 
 use std::path::PathBuf;

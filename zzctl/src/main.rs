@@ -42,6 +42,9 @@ enum Command {
     Bench(Bench),
     #[command(flatten)]
     Ops(zzctl::ops::OpsCommand),
+    /// The guest VM image of the libvirt backend.
+    #[command(subcommand)]
+    Image(zzctl::image::ImageCommand),
     /// The page-serving peer process of `bench statefetch` (internal).
     #[command(name = "__statefetch-serve", hide = true)]
     StatefetchServe {
@@ -117,6 +120,16 @@ struct RecoveryArgs {
     /// Longest wait, in seconds, for the woken replica's full state.
     #[arg(long, default_value_t = 600.0)]
     max_wait: f64,
+    /// Where execution replicas run: `process` or `libvirt` (VMs booting
+    /// the image of `zzctl image build`).
+    #[arg(long, default_value = "process")]
+    backend: String,
+    /// libvirt: how the dormant replica waits, `paused` or `saved`.
+    #[arg(long, default_value = "paused")]
+    dormant: String,
+    /// libvirt: memory of each VM in MiB.
+    #[arg(long, default_value_t = 512)]
+    vm_memory: u32,
     #[command(flatten)]
     programs: ProgramArgs,
 }
@@ -262,6 +275,14 @@ fn run(cli: Cli) -> Result<()> {
                 max_wait: secs(a.max_wait, "max-wait")?,
                 programs: a.programs.programs()?,
                 keep_dir: a.programs.keep_dir.clone(),
+                vm: match a.backend.as_str() {
+                    "process" => None,
+                    "libvirt" => Some(zzctl::bench_vm::VmSpec {
+                        memory_mib: a.vm_memory,
+                        ..zzctl::bench_vm::VmSpec::new(&a.dormant)?
+                    }),
+                    other => anyhow::bail!("--backend {other}: use process or libvirt"),
+                },
             };
             let report = run_recovery(&bench)?;
             println!("{}", report.line());
@@ -282,6 +303,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", run_tenants(&bench)?);
             Ok(())
         }
+        Command::Image(c) => zzctl::image::run(c),
         Command::StatefetchServe { args } => {
             zz_statefetch::bench::serve_main(args).context("serving pages for the benchmark")
         }

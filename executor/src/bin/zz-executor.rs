@@ -32,6 +32,11 @@ struct Args {
 }
 
 fn main() {
+    if std::process::id() == 1 {
+        // PID 1 of a guest VM (the initramfs's /init): see zz_executor::guest.
+        init_logging();
+        guest_main();
+    }
     let args = Args::parse();
     init_logging();
     match real_main(args) {
@@ -44,10 +49,34 @@ fn main() {
     }
 }
 
+/// Boots the guest, runs the executor over its virtio-serial port, and
+/// powers the VM off when it ends. The environment comes from the kernel
+/// command line; arguments are ignored (the kernel passes stray words).
+fn guest_main() -> ! {
+    let run = || -> Result<Exit> {
+        let port = zz_executor::guest::boot().context("booting the guest")?;
+        let id = Identity::from_env(None, None)?;
+        let mut cfg = executor_config(&id)
+            .with_context(|| format!("setting up app {} replica {}", id.app, id.index))?;
+        // Answering the host's handshake from here on means "ready".
+        cfg.stream = Some(zz_executor::guest::bridge(port).context("bridging the port")?);
+        run_executor(cfg)
+    };
+    match run() {
+        Ok(exit) => tracing::info!(?exit, "executor ended; powering off"),
+        Err(e) => eprintln!("zz-executor: error: {e:#}"),
+    }
+    zz_executor::guest::power_off()
+}
+
 fn real_main(args: Args) -> Result<Exit> {
     let id = Identity::from_env(args.config, args.key_file)?;
     let cfg = executor_config(&id)
         .with_context(|| format!("setting up app {} replica {}", id.app, id.index))?;
+    run_executor(cfg)
+}
+
+fn run_executor(cfg: zz_executor::driver::ExecutorConfig) -> Result<Exit> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .max_blocking_threads(8)

@@ -41,6 +41,16 @@ struct Args {
     /// `1/0:wrong_replies_from=1`. Repeatable.
     #[arg(long)]
     fault: Vec<String>,
+    /// libvirt hosts: the guest image folder (default: $ZZ_IMAGE_DIR, else
+    /// target/zz-image beside this binary's folder).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// libvirt hosts: memory of each replica VM in MiB (at least 80).
+    #[arg(long, default_value_t = 256)]
+    vm_memory: u32,
+    /// libvirt hosts: `auto` (KVM if the CPU shows vmx/svm, else TCG), `kvm` or `tcg`.
+    #[arg(long, default_value = "auto")]
+    accel: String,
 }
 
 fn main() {
@@ -95,7 +105,18 @@ fn real_main(args: Args) -> Result<()> {
     for f in &args.fault {
         opts.faults.push(parse_fault(f)?);
     }
-    if !opts.executor.is_file() {
+    opts.vm.image_dir = args.image;
+    opts.vm.memory_mib = args.vm_memory;
+    opts.vm.accel = Some(
+        zz_hypervisor::libvirt::Accel::parse(&args.accel)
+            .with_context(|| format!("--accel {}: use auto, kvm or tcg", args.accel))?,
+    );
+    let on_vms = opts
+        .config
+        .hosts
+        .iter()
+        .any(|h| h.name == opts.host && h.backend == "libvirt");
+    if !on_vms && !opts.executor.is_file() {
         bail!(
             "executor program {} not found (build zz-executor, or pass --executor)",
             opts.executor.display()

@@ -1,0 +1,76 @@
+//! The VM variant of the whole-system benchmarks (`--backend libvirt`):
+//! what changes in the deployment and in how its host agent is started
+//! when execution replicas are libvirt VMs instead of processes.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use zz_wire::config::ClusterConfig;
+
+/// Execution replicas as VMs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmSpec {
+    /// `paused` or `saved`.
+    pub dormant: String,
+    /// The guest image folder; default: the host agent's default
+    /// (`target/zz-image`, as `zzctl image build` writes it).
+    pub image: Option<PathBuf>,
+    /// Memory of each VM.
+    pub memory_mib: u32,
+    /// libvirt connection URI of the host.
+    pub uri: String,
+    /// Longest wait for the host agent to boot its VMs.
+    pub boot_timeout: Duration,
+}
+
+impl VmSpec {
+    /// VMs on the local libvirt with the given dormant mode.
+    pub fn new(dormant: &str) -> Result<VmSpec> {
+        if !["paused", "saved"].contains(&dormant) {
+            bail!("--dormant {dormant}: use paused or saved");
+        }
+        Ok(VmSpec {
+            dormant: dormant.into(),
+            image: None,
+            memory_mib: 512,
+            uri: "qemu:///system".into(),
+            boot_timeout: Duration::from_secs(600),
+        })
+    }
+
+    /// Puts every host on the libvirt backend with this dormant mode.
+    pub fn apply(&self, cfg: &mut ClusterConfig) {
+        for h in &mut cfg.hosts {
+            h.backend = "libvirt".into();
+            h.libvirt_uri = Some(self.uri.clone());
+        }
+        cfg.execution.dormant = self.dormant.clone();
+    }
+
+    /// Makes the deployment folder reachable by QEMU (user libvirt-qemu
+    /// opens the disks by path) and adds the host agent's VM flags.
+    pub fn prepare(&self, dir: &Path, hostd: &mut Command) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("making {} searchable for QEMU", dir.display()))?;
+        if let Some(image) = &self.image {
+            hostd.arg("--image").arg(image);
+        }
+        hostd.arg("--vm-memory").arg(self.memory_mib.to_string());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_known_dormant_modes() {
+        assert!(VmSpec::new("paused").is_ok());
+        assert!(VmSpec::new("saved").is_ok());
+        assert!(VmSpec::new("asleep").is_err());
+    }
+}
