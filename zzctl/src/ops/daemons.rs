@@ -68,6 +68,64 @@ pub struct Daemon {
     pub binds: Vec<(String, SocketAddr)>,
 }
 
+/// The three daemon programs, found beside `zzctl` (or through
+/// `$ZZ_AGREEMENT_BIN`, `$ZZ_HOSTD_BIN`, `$ZZ_EXECUTOR_BIN`).
+///
+/// Under `cargo run` (which sets `$CARGO` and `$CARGO_MANIFEST_DIR`), missing
+/// daemons are built first with the same profile as `zzctl`, so that
+/// `cargo run --release -p zzctl -- demo` works on a fresh clone: cargo
+/// builds only the binaries of the package it runs.
+pub fn programs() -> Result<std::collections::HashMap<&'static str, PathBuf>> {
+    const DAEMONS: [(&str, &str); 3] = [
+        ("zz-agreement", "zz-agreement"),
+        ("zz-hostd", "zz-hypervisor"),
+        ("zz-executor", "zz-executor"),
+    ];
+    let env_of = |name: &str| format!("ZZ_{}_BIN", name.trim_start_matches("zz-").to_uppercase());
+    let missing: Vec<(&str, &str)> = DAEMONS
+        .iter()
+        .copied()
+        .filter(|(name, _)| find_daemon(name, None, &env_of(name)).is_err())
+        .collect();
+    if let (false, Some(cargo), Some(_)) = (
+        missing.is_empty(),
+        std::env::var_os("CARGO"),
+        std::env::var_os("CARGO_MANIFEST_DIR"),
+    ) {
+        let exe = std::env::current_exe()?;
+        let release = exe.parent().is_some_and(|d| d.ends_with("release"));
+        let mut cmd = Command::new(cargo);
+        cmd.arg("build").arg("--bins");
+        if release {
+            cmd.arg("--release");
+        }
+        for (_, pkg) in &missing {
+            cmd.args(["-p", pkg]);
+        }
+        eprintln!(
+            "zzctl: building the daemons first ({}); this happens once",
+            missing
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let st = cmd
+            .status()
+            .context("running cargo build for the daemons")?;
+        if !st.success() {
+            bail!(
+                "building the daemons failed ({st}); run `cargo build --release --bins` and retry"
+            );
+        }
+    }
+    let mut out = std::collections::HashMap::new();
+    for (name, _) in DAEMONS {
+        out.insert(name, find_daemon(name, None, &env_of(name))?);
+    }
+    Ok(out)
+}
+
 /// The absolute path of the deployment's config: how its processes are recognized.
 pub fn config_path(dir: &Path) -> PathBuf {
     let p = dir.join(CONFIG_FILE);
@@ -193,7 +251,7 @@ fn port_free(addr: SocketAddr) -> bool {
     TcpListener::bind(addr).is_ok()
 }
 
-fn spawn(dir: &Path, d: &Daemon, program: &Path) -> Result<i32> {
+fn spawn(dir: &Path, d: &Daemon, program: &Path, executor: Option<&Path>) -> Result<i32> {
     let logs = dir.join("logs");
     let run = dir.join("run");
     for p in [&logs, &run] {
@@ -212,8 +270,8 @@ fn spawn(dir: &Path, d: &Daemon, program: &Path) -> Result<i32> {
         .stdout(log.try_clone()?)
         .stderr(log);
     if d.program == "zz-hostd" {
-        // The executor it starts: the one built beside this zzctl.
-        if let Ok(e) = find_daemon("zz-executor", None, "ZZ_EXECUTOR_BIN") {
+        // The executor it starts: the one found for this zzctl.
+        if let Some(e) = executor {
             cmd.arg("--executor").arg(e);
         }
     }
@@ -247,11 +305,7 @@ pub fn start(dir: &Path, timeout: Duration) -> Result<UpReport> {
     let cfg = load_config(dir)?;
     let config = config_path(dir);
     let all = daemons(&cfg, &config);
-    let mut programs = std::collections::HashMap::new();
-    for name in ["zz-agreement", "zz-hostd", "zz-executor"] {
-        let env = format!("ZZ_{}_BIN", name.trim_start_matches("zz-").to_uppercase());
-        programs.insert(name, find_daemon(name, None, &env)?);
-    }
+    let programs = programs()?;
     // Check everything before starting anything.
     let mut report = UpReport::default();
     let mut to_start = Vec::new();
@@ -272,7 +326,8 @@ pub fn start(dir: &Path, timeout: Duration) -> Result<UpReport> {
         to_start.push(d.clone());
     }
     for d in &to_start {
-        let pid = spawn(dir, d, &programs[d.program])?;
+        let executor = programs.get("zz-executor").map(PathBuf::as_path);
+        let pid = spawn(dir, d, &programs[d.program], executor)?;
         wait_listening(dir, d, pid, timeout)?;
         report.started.push((d.name.clone(), pid));
     }
