@@ -184,8 +184,11 @@ pub fn write(a: &InitArgs) -> Result<PathBuf> {
             name,
             addr,
             backend: a.backend.clone(),
+            // A host agent runs on its server and drives the local libvirt
+            // (its replicas' virtio-serial sockets are local files there);
+            // the URI given names the server.
             libvirt_uri: (a.backend == "libvirt").then(|| {
-                if spec == "local" {
+                if spec == "local" || !local {
                     "qemu:///system".to_string()
                 } else {
                     spec.clone()
