@@ -20,6 +20,12 @@
 //!   `<…>/sock/a<app>e<index>.sock` the host agent listens on and passes in
 //!   `ZZ_SOCKET`; the socket identifies the replica, so nothing an executor
 //!   sends can claim to be another.
+//!   On a host with `backend = "libvirt"` each replica is a VM instead
+//!   ([`crate::libvirt`], [`crate::hostd_vm`]): libvirt binds that socket
+//!   for the VM's virtio-serial port and the host agent connects to it
+//!   ([`crate::vmlink`]); dormant VMs are put to sleep once booted. The
+//!   dormant mode is per app (`execution.dormant_apps`, else
+//!   `execution.dormant`).
 //! - **Agreement links.** The host agent listens on its `addr`. An agreement
 //!   replica's connection starts with a signed
 //!   [`Hello`](zz_agreement::hostlink::Hello) naming this host; executor
@@ -436,14 +442,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn dormant_mode(cfg: &ClusterConfig) -> DormantMode {
-    if cfg.execution.dormant == "saved" {
-        DormantMode::Saved
-    } else {
-        DormantMode::Paused
-    }
-}
-
 /// Starts the host agent: binds its sockets, starts its replicas (dormant
 /// beyond index f) and every task. Must be called inside a tokio runtime.
 pub async fn start(opts: HostdOptions) -> Result<Hostd, HostdError> {
@@ -464,7 +462,8 @@ pub async fn start(opts: HostdOptions) -> Result<Hostd, HostdError> {
     if !opts.faults.is_empty() && !cfg.execution.allow_fault_injection {
         return Err(HostdError::FaultsNotAllowed);
     }
-    let mode = dormant_mode(cfg);
+    let modes = Arc::new(crate::lifecycle::DormantModes::from_config(cfg));
+    let mode = modes.default;
     let dir = &opts.dir;
     let sock_dir = dir.join("sock");
     let log_dir = dir.join("logs");
@@ -570,6 +569,7 @@ pub async fn start(opts: HostdOptions) -> Result<Hostd, HostdError> {
         let logs: HashMap<ExecId, PathBuf> =
             placed.iter().map(|p| (p.exec, p.log.clone())).collect();
         let sleeper = backend.clone();
+        let modes_start = modes.clone();
         let started = tokio::task::spawn_blocking(move || -> Result<Vec<ExecId>, HostdError> {
             let mut b = lock(&backend);
             let mut to_sleep = Vec::new();
@@ -592,7 +592,12 @@ pub async fn start(opts: HostdOptions) -> Result<Hostd, HostdError> {
                         // A VM sleeps once booted, so waking it costs no boot.
                         to_sleep.push(p.exec);
                     } else {
-                        carry_out(&mut *b, p.exec, HostAction::Sleep, mode)?;
+                        carry_out(
+                            &mut *b,
+                            p.exec,
+                            HostAction::Sleep,
+                            modes_start.of(p.exec.app),
+                        )?;
                     }
                 }
                 tracing::info!(exec = %p.exec, state = %b.state(p.exec)?, "replica started");
@@ -601,14 +606,14 @@ pub async fn start(opts: HostdOptions) -> Result<Hostd, HostdError> {
         })
         .await
         .map_err(|e| HostdError::Internal(e.to_string()))??;
-        crate::hostd_vm::sleep_when_ready(&sleeper, started, &guest_ready, mode, &opts.vm, &logs)
+        crate::hostd_vm::sleep_when_ready(&sleeper, started, &guest_ready, &modes, &opts.vm, &logs)
             .await?;
     }
     tokio::spawn(command_worker(
         cmd_rx,
         backend.clone(),
         on_vms.then(|| guest_ready.clone()),
-        mode,
+        modes.clone(),
         stats.clone(),
         shutdown_rx.clone(),
     ));
@@ -666,7 +671,7 @@ async fn command_worker(
     mut rx: mpsc::UnboundedReceiver<Fire>,
     backend: Arc<Mutex<HostBackend>>,
     guest_ready: Option<Arc<GuestReady>>,
-    mode: DormantMode,
+    modes: Arc<crate::lifecycle::DormantModes>,
     stats: Arc<HostStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -679,6 +684,7 @@ async fn command_worker(
         let b = backend.clone();
         stats.ops.command_begins(fire.exec, fire.action);
         let booted = guest_ready.as_ref().map(|r| r.count(fire.exec));
+        let mode = modes.of(fire.exec.app);
         let done = tokio::task::spawn_blocking(move || {
             let mut b = lock(&b);
             let state = carry_out(&mut *b, fire.exec, fire.action, mode)?;

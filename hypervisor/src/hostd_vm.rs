@@ -204,7 +204,7 @@ pub async fn sleep_when_ready(
     backend: &Arc<Mutex<HostBackend>>,
     execs: Vec<ExecId>,
     ready: &GuestReady,
-    mode: DormantMode,
+    modes: &crate::lifecycle::DormantModes,
     vm: &VmOptions,
     logs: &HashMap<ExecId, PathBuf>,
 ) -> Result<(), HostdError> {
@@ -217,6 +217,7 @@ pub async fn sleep_when_ready(
             });
         }
         let b = backend.clone();
+        let mode = modes.of(exec.app);
         let state = tokio::task::spawn_blocking(move || {
             carry_out(&mut *lock(&b), exec, HostAction::Sleep, mode)
         })

@@ -164,6 +164,45 @@ pub enum DormantMode {
     Saved,
 }
 
+impl DormantMode {
+    /// `saved` is [`DormantMode::Saved`]; anything else (the config only
+    /// allows `paused`) is [`DormantMode::Paused`].
+    pub fn parse(s: &str) -> DormantMode {
+        if s == "saved" {
+            DormantMode::Saved
+        } else {
+            DormantMode::Paused
+        }
+    }
+}
+
+/// The dormant mode of each app of a deployment
+/// (`execution.dormant_apps`, else `execution.dormant`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DormantModes {
+    pub default: DormantMode,
+    pub per_app: std::collections::HashMap<zz_wire::AppId, DormantMode>,
+}
+
+impl DormantModes {
+    /// The modes a cluster config gives its apps.
+    pub fn from_config(cfg: &zz_wire::config::ClusterConfig) -> DormantModes {
+        DormantModes {
+            default: DormantMode::parse(&cfg.execution.dormant),
+            per_app: cfg
+                .apps
+                .iter()
+                .map(|a| (a.id, DormantMode::parse(cfg.dormant_of(a.id))))
+                .collect(),
+        }
+    }
+
+    /// The mode of `app`.
+    pub fn of(&self, app: zz_wire::AppId) -> DormantMode {
+        self.per_app.get(&app).copied().unwrap_or(self.default)
+    }
+}
+
 /// Why a lifecycle operation failed. Every message names the cause and what
 /// to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -412,6 +451,44 @@ mod tests {
             ReplicaState::Exited { code: 3 }.to_string(),
             "exited with code 3"
         );
+    }
+
+    #[test]
+    fn dormant_mode_per_app_overrides_the_deployment_default() {
+        use zz_wire::config::AppEntry;
+        let dir = tempfile::tempdir().unwrap();
+        let opts = zz_client::deploy::DeployOptions {
+            apps: vec![],
+            ..Default::default()
+        };
+        let d = zz_client::deploy::write_local(dir.path(), &opts).unwrap();
+        let mut cfg = d.config.clone();
+        for (id, name) in [(1, "kv"), (2, "cache"), (3, "other")] {
+            cfg.apps.push(AppEntry {
+                id,
+                name: name.into(),
+                kind: "counter".into(),
+            });
+        }
+        cfg.execution.dormant = "paused".into();
+        cfg.execution.dormant_apps = [("kv", "saved"), ("2", "saved")]
+            .into_iter()
+            .map(|(a, m)| (a.to_string(), m.to_string()))
+            .collect();
+        cfg.validate().unwrap();
+        let modes = DormantModes::from_config(&cfg);
+        assert_eq!(modes.of(1), DormantMode::Saved);
+        assert_eq!(modes.of(2), DormantMode::Saved);
+        assert_eq!(modes.of(3), DormantMode::Paused);
+        cfg.execution
+            .dormant_apps
+            .insert("nope".into(), "saved".into());
+        assert!(cfg.validate().is_err(), "an unknown app is refused");
+        cfg.execution.dormant_apps.remove("nope");
+        cfg.execution
+            .dormant_apps
+            .insert("kv".into(), "asleep".into());
+        assert!(cfg.validate().is_err(), "an unknown mode is refused");
     }
 
     #[test]

@@ -123,7 +123,10 @@ fn deployment(dir: &Path, dormant: &str) -> Deployment {
     // before the wrong replies this drill is about.
     cfg.execution.timeout_min_ms = 3000;
     cfg.execution.allow_fault_injection = true;
-    cfg.execution.dormant = dormant.into();
+    // Per app (the deployment default stays `paused`).
+    cfg.execution
+        .dormant_apps
+        .insert("kv".into(), dormant.into());
     cfg.validate().expect("valid config");
     cfg.save(&d.config_path).unwrap();
     Deployment::load(&d.config_path).unwrap()

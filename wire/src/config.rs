@@ -117,6 +117,9 @@ pub struct ExecutionTuning {
     /// Start all 2f+1 execution replicas of every app active, none dormant
     /// (classic BFT execution; a baseline for benchmarks). Default: f+1.
     pub all_active: bool,
+    /// Per-app dormant mode overriding `dormant`: app name (or id, as a
+    /// string) to `paused` or `saved`, e.g. `dormant_apps = { kv = "saved" }`.
+    pub dormant_apps: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for ExecutionTuning {
@@ -127,6 +130,7 @@ impl Default for ExecutionTuning {
             timeout_min_ms: 200,
             allow_fault_injection: false,
             all_active: false,
+            dormant_apps: Default::default(),
         }
     }
 }
@@ -205,6 +209,21 @@ fn default_data_dir() -> PathBuf {
 impl ClusterConfig {
     pub fn n(&self) -> usize {
         self.replicas.len()
+    }
+
+    /// The dormant mode (`paused` or `saved`) of `app`: its entry in
+    /// `execution.dormant_apps` (by name, then id), else `execution.dormant`.
+    pub fn dormant_of(&self, app: AppId) -> &str {
+        let e = &self.execution;
+        self.apps
+            .iter()
+            .find(|a| a.id == app)
+            .and_then(|a| {
+                e.dormant_apps
+                    .get(&a.name)
+                    .or_else(|| e.dormant_apps.get(&a.id.to_string()))
+            })
+            .unwrap_or(&e.dormant)
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -359,6 +378,19 @@ impl ClusterConfig {
         }
         if !["paused", "saved"].contains(&self.execution.dormant.as_str()) {
             return Err(invalid("execution.dormant", "must be `paused` or `saved`"));
+        }
+        for (app, mode) in &self.execution.dormant_apps {
+            let field = format!("execution.dormant_apps.{app}");
+            if !["paused", "saved"].contains(&mode.as_str()) {
+                return Err(invalid(field, "must be `paused` or `saved`"));
+            }
+            if !self
+                .apps
+                .iter()
+                .any(|a| a.name == *app || a.id.to_string() == *app)
+            {
+                return Err(invalid(field, "names no app of [[apps]] (by name or id)"));
+            }
         }
         let per_app = 2 * self.f + 1;
         let mut seen = HashSet::new();
