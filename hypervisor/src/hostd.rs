@@ -75,7 +75,7 @@ use zz_wire::ReplicaId;
 
 use crate::gate::{CommandGate, Fire, Verdict};
 use crate::hostbackend::HostBackend;
-use crate::lifecycle::{carry_out, DormantMode, LifecycleError, ReplicaLifecycle, ReplicaSpec};
+use crate::lifecycle::{carry_out, LifecycleError, ReplicaLifecycle, ReplicaSpec};
 use crate::process::{ProcessBackend, ProcessConfig};
 use crate::vmlink::GuestReady;
 

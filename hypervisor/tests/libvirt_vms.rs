@@ -415,3 +415,65 @@ fn paused_vm_wakes_and_faulty_vm_is_rebuilt() {
 fn saved_vm_wakes_and_faulty_vm_is_rebuilt() {
     fault_drill("saved");
 }
+
+/// libvirtd down, a domain removed behind the backend's back, and a missing
+/// guest image each give one error naming cause and fix, never a panic.
+#[test]
+fn libvirt_errors_name_cause_and_fix() {
+    use zz_hypervisor::libvirt::{GuestImage, LibvirtBackend, LibvirtConfig};
+    use zz_hypervisor::{ReplicaLifecycle, ReplicaSpec, ReplicaState};
+    use zz_wire::exec::ExecId;
+    let image = require_vms();
+    let dir = test_dir();
+
+    // Daemon down: a socket nobody listens on.
+    let down = LibvirtConfig::new(
+        format!("qemu:///system?socket={}/none.sock", dir.path().display()),
+        "errs",
+        GuestImage::in_dir(&image),
+    );
+    let e = LibvirtBackend::new(down).err().expect("no daemon there");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("is libvirtd running") && msg.contains("scripts/setup-libvirt"),
+        "{msg}"
+    );
+
+    // Image missing.
+    let e = LibvirtBackend::new(LibvirtConfig::new(
+        URI,
+        "errs",
+        GuestImage::in_dir(&dir.path().join("no-image")),
+    ))
+    .err()
+    .expect("no image there");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("vmlinuz") && msg.contains("zzctl -- image build"),
+        "{msg}"
+    );
+
+    // Domain missing: undefined with virsh behind the backend's back.
+    let ns = format!("errs{}", std::process::id());
+    let mut b = LibvirtBackend::new(LibvirtConfig::new(URI, &ns, GuestImage::in_dir(&image)))
+        .expect("libvirt backend");
+    let exec = ExecId { app: 9, index: 0 };
+    let spec = ReplicaSpec::new(exec, dir.path().join("state"), dir.path().join("a9e0.sock"));
+    b.define(spec).expect("define");
+    assert_eq!(b.state(exec).unwrap(), ReplicaState::Defined);
+    let name = b.domain_name(exec);
+    virsh(&["undefine", &name]);
+    let e = b.state(exec).expect_err("the domain is gone");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&name) && msg.contains("gone from libvirt") && msg.contains("redefined"),
+        "{msg}"
+    );
+    // It was redefined: the next call works.
+    assert_eq!(b.state(exec).unwrap(), ReplicaState::Defined);
+    drop(b);
+    assert!(
+        domains_with_prefix(&format!("zz-{ns}-")).is_empty(),
+        "dropping the backend removes its domains"
+    );
+}
