@@ -58,6 +58,18 @@ fn now_us() -> i64 {
         .unwrap_or(0)
 }
 
+/// Keys each client writes (with [`VALUE_BYTES`] each, the state of an
+/// app spans a few hundred pages: something for a woken replica to fetch).
+const KEYS_PER_CLIENT: u64 = 128;
+const VALUE_BYTES: usize = 1500;
+
+/// The value a client writes at its operation `i`.
+fn value(i: u64, client: u64) -> Vec<u8> {
+    let mut v = format!("value {i} of {client} ").into_bytes();
+    v.resize(VALUE_BYTES, b'.');
+    v
+}
+
 /// What the load clients share with the demo.
 #[derive(Default)]
 struct Load {
@@ -87,16 +99,14 @@ async fn client_loop(
     let mut i = 0u64;
     while !load.stop.load(Ordering::Relaxed) {
         i += 1;
-        let k = i % 64;
+        let k = i % KEYS_PER_CLIENT;
         let key = format!("c{id}-{k}").into_bytes();
         let (op, expect) = if i.is_multiple_of(3) {
-            let want = model
-                .get(&k)
-                .map(|v| format!("value {v} of {id}").into_bytes());
+            let want = model.get(&k).map(|v| value(*v, id));
             (KvOp::Get { key }, KvResult::Value(want))
         } else {
             let replaced = model.insert(k, i).is_some();
-            let value = format!("value {i} of {id}").into_bytes();
+            let value = value(i, id);
             (KvOp::Put { key, value }, KvResult::Stored { replaced })
         };
         let issued = now_us();
@@ -198,6 +208,9 @@ fn demo(dir: &Path, a: &DemoArgs) -> Result<()> {
         log_level: "info".into(),
         dormant: "paused".into(),
         checkpoint_interval: 64,
+        // A replica that is merely slow on a busy laptop should not be
+        // suspected; the injected fault is caught by its wrong replies.
+        exec_timeout_ms: Some(500),
     };
     init::write(&init_args)?;
     let cfg = Arc::new(crate::ops::load_config(dir)?);
@@ -328,6 +341,11 @@ fn demo(dir: &Path, a: &DemoArgs) -> Result<()> {
         .map(|e| e.index)
         .context("no dormant replica")?;
     let exec = operator::resolve_app(&cfg, "kv1", faulty_replica)?;
+    let base_recovery = base
+        .executors
+        .iter()
+        .find(|e| e.index == dormant_replica)
+        .and_then(|e| e.recovery.clone());
     let host = &cfg.hosts[0];
     let fault_us = now_us();
     load.fault_us.store(fault_us, Ordering::Relaxed);
@@ -340,7 +358,10 @@ fn demo(dir: &Path, a: &DemoArgs) -> Result<()> {
         },
     )?;
     match operator::send(host.addr, &cmd, Duration::from_secs(15))? {
-        OperatorAck::Accepted(what) => println!("3. fault: {what}"),
+        OperatorAck::Accepted(_) => println!(
+            "3. fault: kv1 replica {faulty_replica} now answers every request wrongly \
+             (operator-signed drill; its host agent restarted it with the fault plan)"
+        ),
         OperatorAck::Refused(why) => bail!("the host agent refused the fault: {why}"),
     }
 
@@ -399,7 +420,7 @@ fn demo(dir: &Path, a: &DemoArgs) -> Result<()> {
             );
         }
         if let Some(r) = e(dormant_replica).and_then(|d| d.recovery.clone()) {
-            if r.complete && app.epoch > base.epoch {
+            if r.complete && app.epoch > base.epoch && Some(&r) != base_recovery.as_ref() {
                 event("recovered", format!(
                     "replica {dormant_replica} recovered: {} of {} pages fetched and verified in {:.0} ms",
                     r.fetched,

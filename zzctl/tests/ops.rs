@@ -378,6 +378,13 @@ fn operator_commands_drive_a_deployment_of_real_processes() {
     assert_eq!(ok(d, &["down"]).trim(), "nothing was running");
     let o = run(d, &["status"]);
     assert_eq!(o.status.code(), Some(4));
+    // every daemon stopped cleanly on SIGTERM
+    for r in 0..4 {
+        let log = std::fs::read_to_string(d.join(format!("logs/replica-{r}.log"))).unwrap();
+        assert!(log.contains("stopped cleanly"), "replica {r}:\n{log}");
+    }
+    let log = std::fs::read_to_string(d.join("logs/hostd-h0.log")).unwrap();
+    assert!(log.contains("replicas destroyed"), "{log}");
 }
 
 /// Writes a deployment, breaks it with `edit`, and checks that `up` refuses

@@ -65,6 +65,10 @@ pub struct InitArgs {
     /// App sequence numbers between execution checkpoints.
     #[arg(long, default_value_t = 128)]
     pub checkpoint_interval: u64,
+    /// Floor, in milliseconds, of the adaptive execution timeout after which
+    /// silent execution replicas are suspected (config default: 200).
+    #[arg(long)]
+    pub exec_timeout_ms: Option<u64>,
 }
 
 /// One parsed `--apps` item.
@@ -217,6 +221,9 @@ pub fn write(a: &InitArgs) -> Result<PathBuf> {
     cfg.execution.allow_fault_injection = a.allow_fault_injection;
     cfg.execution.dormant = a.dormant.clone();
     cfg.execution.checkpoint_interval = a.checkpoint_interval.max(1);
+    if let Some(t) = a.exec_timeout_ms {
+        cfg.execution.timeout_min_ms = t.max(1);
+    }
     cfg.validate()
         .map_err(|e| OpsError::BadConfig(e.to_string()))?;
     let path = dir.join(CONFIG_FILE);
@@ -281,6 +288,7 @@ mod tests {
             log_level: "info".into(),
             dormant: "paused".into(),
             checkpoint_interval: 128,
+            exec_timeout_ms: None,
         }
     }
 
