@@ -317,6 +317,23 @@ fn operator_commands_drive_a_deployment_of_real_processes() {
     assert_eq!(a["executors"][0]["last_host_command"], "Reimage");
     assert_eq!(ok(d, &["kv", "get", "kv1", "after"]).trim(), "fault");
 
+    // bad frames to replica 0 and to the host agent are dropped and counted
+    let garbage = |addr: std::net::SocketAddr| {
+        use std::io::Write;
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.write_all(&[0, 0, 0, 3, 0xff, 0xfe, 0xfd]).unwrap();
+        c.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let before_r0 = scrape(cfg.replicas[0].metrics_addr.unwrap())["zz_frames_malformed_total"];
+    let before_h = scrape(cfg.hosts[0].metrics_addr.unwrap())["zz_host_hellos_rejected_total"];
+    garbage(cfg.replicas[0].addr);
+    garbage(cfg.hosts[0].addr);
+    let after_r0 = scrape(cfg.replicas[0].metrics_addr.unwrap())["zz_frames_malformed_total"];
+    let after_h = scrape(cfg.hosts[0].metrics_addr.unwrap())["zz_host_hellos_rejected_total"];
+    assert_eq!(after_r0, before_r0 + 1.0);
+    assert_eq!(after_h, before_h + 1.0);
+
     // metrics of every daemon, over HTTP, in Prometheus text format
     for r in &cfg.replicas {
         let m = scrape(r.metrics_addr.unwrap());
@@ -358,6 +375,7 @@ fn operator_commands_drive_a_deployment_of_real_processes() {
             "zz_host_recovery_seconds_sum",
             "zz_host_recovery_seconds_count",
             "zz_host_fault_drills_total",
+            "zz_host_hellos_rejected_total",
         ],
         "host agent",
     );
