@@ -49,8 +49,13 @@
 //! Malformed, oversized (the connection is closed: its framing can no longer
 //! be trusted), unauthenticated and rejected input is dropped and counted in
 //! [`DriverStats`], which a minimal HTTP/1.1 endpoint serves as Prometheus text
-//! when the replica's `metrics_addr` is configured. Network input never panics
-//! the driver.
+//! (`GET /metrics`) when the replica's `metrics_addr` is configured, next to
+//! the JSON status document of [`crate::status`] (`GET /status`). Network
+//! input never panics the driver.
+//!
+//! A `Frame::Operator` on any connection is checked against the config's
+//! operator key by the reader and handed to [`Replica::on_operator`]; the
+//! answer (`Frame::OperatorAck`) goes back on the same connection.
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -9,7 +9,9 @@
 //! the config (apps with `[[executors]]` run on execution replicas behind
 //! them, see `zz_agreement::hostlink`), and serves until SIGTERM or SIGINT,
 //! when it flushes its storage and exits 0. A bad config or key exits nonzero
-//! with a message naming the problem.
+//! with a message naming the problem. With a `metrics_addr`, it serves
+//! `GET /metrics` (Prometheus text) and `GET /status` (JSON) there. The log
+//! level is the config's `log_level`, or `RUST_LOG` when set.
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -10,7 +10,11 @@
 //! replicas, and serves until SIGTERM or SIGINT, when it destroys its
 //! replicas and exits 0. `--fault 1/0:wrong_replies_from=1` gives replica 0
 //! of app 1 a fault plan (fields of `zz_executor::FaultPlan`), only if the
-//! config sets `execution.allow_fault_injection`.
+//! config sets `execution.allow_fault_injection`; at run time, `zzctl fault`
+//! sends an operator-signed drill instead. With a `metrics_addr` for the host,
+//! it serves `GET /metrics` and `GET /status` there (see
+//! `zz_hypervisor::hostd_ops`). The log level is the config's `log_level`, or
+//! `RUST_LOG` when set.
 
 use std::path::PathBuf;
 
