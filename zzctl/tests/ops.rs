@@ -286,6 +286,9 @@ fn operator_commands_drive_a_deployment_of_real_processes() {
     wait_status(d, "kv2 at epoch 1", Duration::from_secs(10), |st| {
         app(st, "kv2")["epoch"].as_u64().unwrap() >= 1
     });
+    // an active replica needs no wake
+    let out = ok(d, &["activate", "kv1", "1"]);
+    assert!(out.contains("app1/exec1 is already active"), "{out}");
     // a replica that does not exist
     let o = run(d, &["activate", "kv2", "9"]);
     assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));

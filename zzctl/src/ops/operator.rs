@@ -155,6 +155,13 @@ pub fn activate(a: &ActivateArgs) -> Result<()> {
         .find(|x| x.id == exec.app)
         .cloned()
         .unwrap_or_default();
+    if app.active.contains(&exec.index) {
+        println!(
+            "{exec} is already active at epoch {}; nothing to do",
+            app.epoch
+        );
+        return Ok(());
+    }
     let cmd = signed(
         &cfg,
         OperatorAction::Activate {
