@@ -410,13 +410,17 @@ fn demo(dir: &Path, a: &DemoArgs) -> Result<()> {
             }
             event(
                 "recovering",
-                format!(
-                    "replica {dormant_replica} recovering: {} pages missing, {} fetched",
-                    d.missing_pages
-                        .map(|m| m.to_string())
-                        .unwrap_or_else(|| "?".into()),
-                    d.pages_fetched
-                ),
+                match d.missing_pages {
+                    Some(m) => format!(
+                        "replica {dormant_replica} recovering: {m} pages missing, {} fetched",
+                        d.pages_fetched
+                    ),
+                    None => format!(
+                        "replica {dormant_replica} recovering: serving while it compares its pages \
+                         with the checkpoint's; {} fetched so far",
+                        d.pages_fetched
+                    ),
+                },
             );
         }
         if let Some(r) = e(dormant_replica).and_then(|d| d.recovery.clone()) {
