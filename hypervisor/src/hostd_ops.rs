@@ -171,6 +171,7 @@ pub struct Ops {
     pub stats: Arc<crate::hostd::HostStats>,
     pub mode: DormantMode,
     seen: Mutex<(HashSet<u64>, VecDeque<u64>)>,
+    scans: Mutex<HashMap<ExecId, LogScan>>,
 }
 
 /// Most fault-command nonces remembered (older ones are also too old).
@@ -191,38 +192,95 @@ fn field(line: &str, key: &str) -> Option<String> {
         .map(|v| v.trim_matches(|c| c == '"' || c == ',').to_string())
 }
 
-/// Reads the latest recovery of a replica from its log: the lines after the
-/// last `recovering: executing from the stable checkpoint`.
-fn recovery_from_log(text: &str, pages_since_wake: u64) -> Option<RecoveryStatus> {
-    let start = text.rfind("recovering: executing from the stable checkpoint")?;
-    let head_line = text[..start].rsplit('\n').next().unwrap_or("");
-    let first = text[start..].lines().next().unwrap_or("");
-    let mut r = RecoveryStatus {
-        pages: field(&format!("{head_line}{first}"), "pages").and_then(|v| v.parse().ok()),
-        ..Default::default()
-    };
-    for line in text[start..].lines() {
-        if line.contains("recovery: pages compared") {
-            r.missing_at_start = field(line, "missing").and_then(|v| v.parse().ok());
-        }
-        if line.contains("recovery complete") {
-            r.complete = true;
-            r.seconds = field(line, "secs").and_then(|v| v.parse().ok());
-            if let Some(f) = field(line, "fetched").and_then(|v| v.parse().ok()) {
-                r.fetched = f;
+/// What the host agent has read so far of one replica's log. The log is
+/// read incrementally (from where the last read stopped), so a status or
+/// metrics request costs only the lines written since.
+#[derive(Clone, Debug, Default)]
+struct LogScan {
+    offset: u64,
+    /// The start of a line not yet complete.
+    partial: String,
+    /// The latest recovery, as far as the log tells.
+    latest: Option<RecoveryStatus>,
+    /// Completed recoveries and their total duration.
+    completed: u64,
+    completed_secs: f64,
+}
+
+/// Most bytes of a log read per request (the rest is read by later requests).
+const MAX_LOG_READ: u64 = 8 << 20;
+
+impl LogScan {
+    fn line(&mut self, line: &str) {
+        if line.contains("recovering: executing from the stable checkpoint") {
+            self.latest = Some(RecoveryStatus {
+                pages: field(line, "pages").and_then(|v| v.parse().ok()),
+                ..Default::default()
+            });
+        } else if line.contains("recovery: pages compared") {
+            if let Some(r) = &mut self.latest {
+                r.missing_at_start = field(line, "missing").and_then(|v| v.parse().ok());
             }
+        } else if line.contains("recovery complete") {
+            let secs = field(line, "secs").and_then(|v| v.parse::<f64>().ok());
+            if let Some(r) = &mut self.latest {
+                r.complete = true;
+                r.seconds = secs;
+                r.fetched = field(line, "fetched")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(r.fetched);
+            }
+            self.completed += 1;
+            self.completed_secs += secs.unwrap_or(0.0);
         }
     }
-    if !r.complete {
-        r.fetched = pages_since_wake;
+
+    fn feed(&mut self, text: &str) {
+        let mut text = std::mem::take(&mut self.partial) + text;
+        if !text.ends_with('\n') {
+            let cut = text.rfind('\n').map(|i| i + 1).unwrap_or(0);
+            self.partial = text.split_off(cut);
+        }
+        for line in text.lines() {
+            self.line(line);
+        }
     }
-    r.missing = if r.complete {
-        Some(0)
-    } else {
-        r.missing_at_start
-            .map(|m| m.saturating_sub(pages_since_wake))
-    };
-    Some(r)
+
+    /// Reads what was appended to `path` since the last call.
+    fn update(&mut self, path: &std::path::Path) {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(path) else {
+            return;
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if len < self.offset {
+            *self = LogScan::default(); // truncated or replaced
+        }
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut buf = Vec::new();
+        let Ok(n) = f.take(MAX_LOG_READ).read_to_end(&mut buf) else {
+            return;
+        };
+        self.offset += n as u64;
+        self.feed(&String::from_utf8_lossy(&buf));
+    }
+
+    /// The latest recovery, with the pages relayed since the last wake.
+    fn recovery(&self, pages_since_wake: u64) -> Option<RecoveryStatus> {
+        let mut r = self.latest.clone()?;
+        if !r.complete {
+            r.fetched = pages_since_wake;
+        }
+        r.missing = if r.complete {
+            Some(0)
+        } else {
+            r.missing_at_start
+                .map(|m| m.saturating_sub(pages_since_wake))
+        };
+        Some(r)
+    }
 }
 
 fn state_name(s: &ReplicaState) -> String {
@@ -255,11 +313,21 @@ impl Ops {
             stats,
             mode,
             seen: Mutex::new(Default::default()),
+            scans: Mutex::new(HashMap::new()),
         }
     }
 
     fn backend(&self) -> std::sync::MutexGuard<'_, dyn ReplicaLifecycle + 'static> {
         self.backend.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every replica's log scan, brought up to date.
+    fn scans(&self) -> HashMap<ExecId, LogScan> {
+        let mut scans = self.scans.lock().unwrap_or_else(|e| e.into_inner());
+        for p in &self.placed {
+            scans.entry(p.exec).or_default().update(&p.log);
+        }
+        scans.clone()
     }
 
     /// The status document (blocks on the backend: call off the runtime).
@@ -279,13 +347,13 @@ impl Ops {
         };
         let backend = self.backend().backend().to_string();
         let events = self.stats.ops.events().clone();
+        let scans = self.scans();
         let executors = self
             .placed
             .iter()
             .zip(states)
             .map(|(p, (_, state))| {
                 let ev = events.get(&p.exec).cloned().unwrap_or_default();
-                let log = std::fs::read_to_string(&p.log).unwrap_or_default();
                 ExecStatus {
                     app: p.exec.app,
                     index: p.exec.index,
@@ -296,7 +364,9 @@ impl Ops {
                         .map(|(a, _, ok)| format!("{a:?}{}", if ok { "" } else { " (failed)" })),
                     last_command_epoch: ev.last.map(|(_, e, _)| e),
                     pages_fetched: ev.pages_total,
-                    recovery: recovery_from_log(&log, ev.pages_since_wake),
+                    recovery: scans
+                        .get(&p.exec)
+                        .and_then(|s| s.recovery(ev.pages_since_wake)),
                 }
             })
             .collect();
@@ -315,15 +385,9 @@ impl Ops {
         let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let host = &self.host;
         let (mut rec_n, mut rec_sum) = (0u64, 0f64);
-        for p in &self.placed {
-            let log = std::fs::read_to_string(&p.log).unwrap_or_default();
-            // Every completed recovery in the log counts once.
-            for line in log.lines().filter(|l| l.contains("recovery complete")) {
-                if let Some(secs) = field(line, "secs").and_then(|v| v.parse::<f64>().ok()) {
-                    rec_n += 1;
-                    rec_sum += secs;
-                }
-            }
+        for scan in self.scans().values() {
+            rec_n += scan.completed;
+            rec_sum += scan.completed_secs;
         }
         #[rustfmt::skip]
         let rows: Vec<(&str, &str, &str, String)> = vec![
@@ -582,20 +646,52 @@ mod tests {
 2026-01-01T00:00:01Z  INFO zz_executor::driver: recovering: executing from the stable checkpoint while its pages are fetched app_seq=128 pages=300 open_ms=2
 2026-01-01T00:00:01Z  INFO zz_executor::driver: recovery: pages compared missing=40
 ";
-        let r = recovery_from_log(log, 15).unwrap();
+        let mut scan = LogScan::default();
+        assert_eq!(scan.recovery(0), None);
+        // A line arriving in two pieces is read once whole.
+        let (a, b) = log.split_at(150);
+        scan.feed(a);
+        scan.feed(b);
+        let r = scan.recovery(15).unwrap();
         assert_eq!(r.pages, Some(300));
         assert_eq!(r.missing_at_start, Some(40));
         assert_eq!(r.missing, Some(25));
         assert_eq!(r.fetched, 15);
         assert!(!r.complete);
-        let done = format!(
-            "{log}2026-01-01T00:00:02Z  INFO zz_executor::driver: recovery complete; state is local again app_seq=128 fetched=40 pages=300 secs=0.25\n"
-        );
-        let r = recovery_from_log(&done, 15).unwrap();
+        scan.feed("2026-01-01T00:00:02Z  INFO zz_executor::driver: recovery complete; state is local again app_seq=128 fetched=40 pages=300 secs=0.25\n");
+        let r = scan.recovery(15).unwrap();
         assert!(r.complete);
         assert_eq!(r.missing, Some(0));
         assert_eq!(r.fetched, 40);
         assert_eq!(r.seconds, Some(0.25));
-        assert_eq!(recovery_from_log("state opened\n", 0), None);
+        assert_eq!((scan.completed, scan.completed_secs), (1, 0.25));
+    }
+
+    #[test]
+    fn log_scans_read_only_what_was_appended() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("x.log");
+        let line = "recovery complete; state is local again fetched=3 pages=9 secs=0.5\n";
+        std::fs::write(
+            &p,
+            format!("recovering: executing from the stable checkpoint pages=9\n{line}"),
+        )
+        .unwrap();
+        let mut scan = LogScan::default();
+        scan.update(&p);
+        scan.update(&p);
+        assert_eq!(scan.completed, 1);
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .unwrap()
+            .write_all(line.as_bytes())
+            .unwrap();
+        scan.update(&p);
+        assert_eq!(scan.completed, 2);
+        std::fs::write(&p, "").unwrap(); // truncated: start over
+        scan.update(&p);
+        assert_eq!(scan.completed, 0);
     }
 }
