@@ -29,7 +29,12 @@ use zzctl::bench_zz::{run_recovery, run_tenants, Programs, RecoveryBench, Tenant
 use zzctl::find_daemon;
 
 #[derive(Parser, Debug)]
-#[command(name = "zzctl", version, about = "Operate a zz BFT deployment")]
+#[command(
+    name = "zzctl",
+    version,
+    about = "Operate a zz BFT deployment",
+    after_help = zzctl::ops::EXIT_CODES_HELP
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

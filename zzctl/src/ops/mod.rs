@@ -44,6 +44,11 @@ pub mod exit {
     pub const REFUSED: i32 = 5;
 }
 
+/// The exit codes, as `zzctl --help` shows them.
+pub const EXIT_CODES_HELP: &str = "Exit codes: 0 success; 1 the operation failed; 2 bad command line; \
+3 invalid config or missing keys (nothing was started); 4 the deployment is not running or not \
+reachable; 5 the deployment refused the command.";
+
 /// An error that decides `zzctl`'s exit code. Anything else exits 1.
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {
