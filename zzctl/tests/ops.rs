@@ -171,6 +171,8 @@ fn operator_commands_drive_a_deployment_of_real_processes() {
         .arg(d)
         .args(["--f", "1", "--apps", "kv1,kv2", "--allow-fault-injection"])
         .args(["--checkpoint-interval", "8"])
+        // Slow, not faulty, on a busy machine: only the drill should be suspected.
+        .args(["--exec-timeout-ms", "1000"])
         .output()
         .unwrap();
     let (out, err) = text(&o);
