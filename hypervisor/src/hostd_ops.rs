@@ -172,6 +172,8 @@ pub struct Ops {
     pub mode: DormantMode,
     seen: Mutex<(HashSet<u64>, VecDeque<u64>)>,
     scans: Mutex<HashMap<ExecId, LogScan>>,
+    /// The backend's name and the replica states last read from it.
+    last_states: Mutex<(String, HashMap<ExecId, String>)>,
 }
 
 /// Most fault-command nonces remembered (older ones are also too old).
@@ -314,6 +316,7 @@ impl Ops {
             mode,
             seen: Mutex::new(Default::default()),
             scans: Mutex::new(HashMap::new()),
+            last_states: Mutex::new(Default::default()),
         }
     }
 
@@ -332,20 +335,37 @@ impl Ops {
 
     /// The status document (blocks on the backend: call off the runtime).
     pub fn status(&self) -> HostStatus {
-        let states: Vec<(ExecId, String)> = {
-            let mut b = self.backend();
-            self.placed
+        // A host command (a managed save takes seconds) holds the backend:
+        // then the states last read are reported rather than waiting.
+        let mut cached = self.last_states.lock().unwrap_or_else(|e| e.into_inner());
+        let states: Vec<(ExecId, String)> = match self.backend.try_lock() {
+            Ok(mut b) => {
+                let fresh: Vec<(ExecId, String)> = self
+                    .placed
+                    .iter()
+                    .map(|p| {
+                        let s = match b.state(p.exec) {
+                            Ok(s) => state_name(&s),
+                            Err(e) => format!("unknown: {e}"),
+                        };
+                        (p.exec, s)
+                    })
+                    .collect();
+                cached.0 = b.backend().to_string();
+                cached.1 = fresh.iter().cloned().collect();
+                fresh
+            }
+            Err(_) => self
+                .placed
                 .iter()
                 .map(|p| {
-                    let s = match b.state(p.exec) {
-                        Ok(s) => state_name(&s),
-                        Err(e) => format!("unknown: {e}"),
-                    };
-                    (p.exec, s)
+                    let s = cached.1.get(&p.exec).cloned();
+                    (p.exec, s.unwrap_or_else(|| "unknown: busy".into()))
                 })
-                .collect()
+                .collect(),
         };
-        let backend = self.backend().backend().to_string();
+        let backend = cached.0.clone();
+        drop(cached);
         let events = self.stats.ops.events().clone();
         let scans = self.scans();
         let executors = self

@@ -491,3 +491,61 @@ fn fault_needs_fault_injection_and_completions_are_generated() {
         assert!(s.contains(marker) && s.contains("activate"), "{shell}: {s}");
     }
 }
+
+#[test]
+fn three_local_hosts_run_each_apps_replicas_on_distinct_hosts() {
+    require_daemons();
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("d");
+    let d = dir.as_path();
+    let o = zzctl()
+        .args(["init", "--dir"])
+        .arg(d)
+        .args(["--apps", "kv1,kv2", "--hosts", "local,local,local"])
+        .args(["--exec-timeout-ms", "1000"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{:?}", text(&o));
+    let _guard = Down(dir.clone());
+    let out = ok(d, &["up"]);
+    assert_eq!(out.matches(" started (pid ").count(), 7, "{out}");
+    let st = wait_status(d, "every replica started", Duration::from_secs(30), |st| {
+        ["kv1", "kv2"].iter().all(|a| {
+            (0..3).all(|i| ["active", "dormant-paused"].contains(&exec_state(st, a, i).as_str()))
+        })
+    });
+    let hosts: Vec<&str> = st["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            assert_eq!(h["up"], true, "{h}");
+            h["name"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(hosts, ["h0", "h1", "h2"]);
+    let mut first_hosts = Vec::new();
+    for a in ["kv1", "kv2"] {
+        let execs = app(&st, a)["executors"].as_array().unwrap().clone();
+        let mut on: Vec<String> = execs
+            .iter()
+            .map(|e| e["host"].as_str().unwrap().to_string())
+            .collect();
+        first_hosts.push(on[0].clone());
+        on.sort();
+        on.dedup();
+        assert_eq!(on.len(), 3, "{a}'s replicas share a host: {execs:?}");
+    }
+    assert_ne!(
+        first_hosts[0], first_hosts[1],
+        "both apps' replica 0 on one host"
+    );
+    assert_eq!(ok(d, &["kv", "put", "kv2", "k", "v"]).trim(), "stored");
+    assert_eq!(ok(d, &["kv", "get", "kv2", "k"]).trim(), "v");
+    let out = ok(d, &["down"]);
+    assert!(
+        out.contains("nothing of this deployment is running"),
+        "{out}"
+    );
+    assert!(deployment_processes(&config_path(d)).is_empty());
+}
