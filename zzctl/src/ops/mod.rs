@@ -45,7 +45,8 @@ pub mod exit {
 }
 
 /// The exit codes, as `zzctl --help` shows them.
-pub const EXIT_CODES_HELP: &str = "Exit codes: 0 success; 1 the operation failed; 2 bad command line; \
+pub const EXIT_CODES_HELP: &str =
+    "Exit codes: 0 success; 1 the operation failed; 2 bad command line; \
 3 invalid config or missing keys (nothing was started); 4 the deployment is not running or not \
 reachable; 5 the deployment refused the command.";
 
