@@ -167,6 +167,39 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             (t.path().to_path_buf(), Some(t))
         }
     };
+    // The daemons run in their own sessions: on Ctrl-C or SIGTERM, stop
+    // them before leaving.
+    {
+        let dir = dir.clone();
+        let temporary = tmp.is_some();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let Ok(rt) = rt else { return };
+            let sig = rt.block_on(async {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (Ok(mut int), Ok(mut term)) = (
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::terminate()),
+                ) else {
+                    return None;
+                };
+                tokio::select! {
+                    _ = int.recv() => Some(130),
+                    _ = term.recv() => Some(143),
+                }
+            });
+            if let Some(code) = sig {
+                eprintln!("\nzzctl demo: interrupted; stopping the deployment");
+                let _ = daemons::stop(&dir, Duration::from_secs(20));
+                if temporary {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                std::process::exit(code);
+            }
+        });
+    }
     let result = demo(&dir, a);
     let stopped = daemons::stop(&dir, Duration::from_secs(20));
     match (&result, &stopped) {
