@@ -22,6 +22,11 @@ pub struct CorruptPage {
     /// Page 0 is the executor's superblock: corrupting it stops the replica.
     #[serde(default)]
     pub page: Option<u64>,
+    /// A bad sector rather than a one-off flip: the page (the last one,
+    /// if `page` is `None`, at each time) is corrupted again before every
+    /// later checkpoint, so writes that overwrite it do not heal the replica.
+    #[serde(default)]
+    pub persistent: bool,
 }
 
 /// Which faults to inject; `FaultPlan::default()` injects none.

@@ -79,7 +79,9 @@ pub trait StateBackend: Pages + Send {
     /// Root of a retained checkpoint.
     fn checkpoint_root(&self, seq: Seq) -> Result<Option<Digest>, PageError>;
 
-    /// Releases retained checkpoints before `seq` (never the latest).
+    /// Releases retained checkpoints before `seq` (never the latest), the
+    /// newest stable one, and keeps `seq` retained whatever the store's
+    /// bound: recovering peers are told to fetch it.
     fn release_before(&mut self, seq: Seq) -> Result<(), PageError>;
 }
 
@@ -133,6 +135,7 @@ impl StateBackend for PageStore {
     }
 
     fn release_before(&mut self, seq: Seq) -> Result<(), PageError> {
+        PageStore::pin(self, Some(seq))?;
         Ok(PageStore::release_before(self, seq)?)
     }
 }
@@ -250,6 +253,7 @@ impl StateBackend for RecoveringState {
     }
 
     fn release_before(&mut self, seq: Seq) -> Result<(), PageError> {
+        self.store.pin(Some(seq))?;
         Ok(self.store.release_before(seq)?)
     }
 }

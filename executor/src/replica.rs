@@ -570,6 +570,10 @@ impl ExecutionCore {
             }
         }
         self.state.release_before(cert.app_seq)?;
+        tracing::debug!(
+            app_seq = cert.app_seq,
+            "stable checkpoint settled; older ones released"
+        );
         self.settled = cert.app_seq;
         self.results = self.results.split_off(&cert.app_seq.saturating_add(1));
         Ok(())
@@ -678,7 +682,11 @@ impl ExecutionCore {
         self.slots.retain(|s, _| *s > app_seq);
 
         let faults = self.p.faults;
-        if let Some(c) = faults.corrupt_page.filter(|c| c.after == app_seq) {
+        let interval = self.p.checkpoint_interval;
+        if let Some(c) = faults.corrupt_page.filter(|c| {
+            c.after == app_seq
+                || (c.persistent && app_seq > c.after && app_seq.is_multiple_of(interval))
+        }) {
             self.corrupt_page(c.page)?;
         }
         if faults.wrong_replies(app_seq) {
@@ -751,9 +759,12 @@ impl ExecutionCore {
         if data.len() != PAGE_SIZE {
             return Err(PageError::PageSize(data.len()).into());
         }
-        for b in &mut data[PAGE_SIZE / 2..PAGE_SIZE / 2 + 16] {
-            *b ^= 0x5A;
+        // A fixed pattern, not a bit flip: corrupting twice must not heal.
+        let garbage = &mut data[PAGE_SIZE / 2..PAGE_SIZE / 2 + 16];
+        if garbage.iter().all(|b| *b == 0xA5) {
+            return Ok(());
         }
+        garbage.fill(0xA5);
         tracing::warn!(page = index, "fault injection: corrupting a page of state");
         self.state.write_page(index, &data)?;
         Ok(())

@@ -255,6 +255,9 @@ struct State {
     journal_bytes: u64,
     /// Saved-copy keys of released checkpoints, still to delete.
     garbage: Vec<[u8; 17]>,
+    /// A checkpoint exempt from the `max_checkpoints` bound (the executor's
+    /// stable one, which recovering peers fetch; see [`PageStore::pin`]).
+    pinned: Option<Seq>,
     poisoned: bool,
 }
 
@@ -509,6 +512,7 @@ impl PageStore {
     /// durable when this returns. Retaining more than `max_checkpoints`
     /// releases the oldest.
     pub fn checkpoint(&self, seq: Seq) -> Result<Digest, StoreError> {
+        let mut release_after = Vec::new();
         let root = {
             let mut st = self.write_state()?;
             if let Some(latest) = st.latest {
@@ -561,8 +565,23 @@ impl PageStore {
             batch.insert(META_LATEST, &seq.to_be_bytes());
             // Release the oldest checkpoints beyond the bound in the same
             // batch; their saved copies become garbage, deleted later.
-            let excess = (st.ckpts.len() + 1).saturating_sub(self.inner.config.max_checkpoints);
-            let released: Vec<Seq> = st.ckpts.keys().take(excess).copied().collect();
+            // The pinned checkpoint does not count and is never released;
+            // checkpoints newer than it are released afterwards (their
+            // saved copies move to the next older one, see `release`).
+            let pinned = st.pinned.filter(|p| st.ckpts.contains_key(p));
+            let unpinned = st.ckpts.len() - usize::from(pinned.is_some());
+            let excess = (unpinned + 1).saturating_sub(self.inner.config.max_checkpoints);
+            let evict: Vec<Seq> = st
+                .ckpts
+                .keys()
+                .filter(|s| Some(**s) != pinned)
+                .take(excess)
+                .copied()
+                .collect();
+            let (released, later): (Vec<Seq>, Vec<Seq>) = evict
+                .into_iter()
+                .partition(|s| pinned.is_none_or(|p| *s < p));
+            release_after.extend(later);
             for s in &released {
                 batch.remove(&key1(TAG_CKPT, *s)[..]);
             }
@@ -592,6 +611,9 @@ impl PageStore {
             }
             info.root
         };
+        for s in release_after {
+            self.release(s)?;
+        }
         // Flush outside the lock: readers need not wait for the disk. The
         // caller may only announce the checkpoint after this returns.
         self.inner.db.flush()?;
@@ -739,6 +761,16 @@ impl PageStore {
         let pc = st.ckpts.get_mut(&prev).expect("checked above");
         pc.pages.extend(moved);
         pc.nodes.absorb(ck.nodes);
+        Ok(())
+    }
+
+    /// Exempts checkpoint `seq` (taken or still to be taken) from the
+    /// `max_checkpoints` bound until another is pinned: an executor pins its
+    /// latest stable checkpoint, the one a recovering peer is told to fetch,
+    /// however many newer ones it takes while no newer one becomes stable.
+    /// Not persistent: pin again after opening.
+    pub fn pin(&self, seq: Option<Seq>) -> Result<(), StoreError> {
+        self.write_state()?.pinned = seq;
         Ok(())
     }
 
@@ -1142,6 +1174,7 @@ fn load(kv: &sled::Tree) -> Result<State, StoreError> {
         journal,
         journal_bytes,
         garbage,
+        pinned: None,
         poisoned: false,
     })
 }
@@ -1187,6 +1220,45 @@ mod tests {
         s.grow(10).unwrap();
         assert!(matches!(s.grow(5), Err(StoreError::Shrink { .. })));
         assert_eq!(s.read_page(9).unwrap(), vec![0; PAGE_SIZE]);
+    }
+
+    #[test]
+    fn a_pinned_checkpoint_outlives_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), 2);
+        // Page 0 gets version v at checkpoint v; page 1 changes only at 1 and 4.
+        s.write_page(1, &page(100)).unwrap();
+        s.pin(Some(1)).unwrap();
+        for v in 1..=5 {
+            s.write_page(0, &page(v)).unwrap();
+            if v == 4 {
+                s.write_page(1, &page(104)).unwrap();
+            }
+            s.checkpoint(v).unwrap();
+        }
+        // Bound 2 (not counting the pinned one): 1 pinned, 4 and 5 kept.
+        assert_eq!(s.read_page_at(1, 0).unwrap(), page(1));
+        assert_eq!(s.read_page_at(1, 1).unwrap(), page(100));
+        assert_eq!(s.read_page_at(4, 0).unwrap(), page(4));
+        assert_eq!(s.read_page_at(4, 1).unwrap(), page(104));
+        assert_eq!(s.read_page_at(5, 0).unwrap(), page(5));
+        for gone in [2, 3] {
+            assert!(matches!(
+                s.read_page_at(gone, 0),
+                Err(StoreError::UnknownCheckpoint(_))
+            ));
+        }
+        // The pinned checkpoint's root still matches its pages.
+        let at1: Vec<Vec<u8>> = (0..2).map(|i| s.read_page_at(1, i).unwrap()).collect();
+        assert_eq!(
+            s.checkpoint_info(1).unwrap().root,
+            MerkleTree::from_pages(&at1).root()
+        );
+        // Unpinned, it is released by the next checkpoint like any other.
+        s.pin(None).unwrap();
+        s.checkpoint(6).unwrap();
+        assert!(s.read_page_at(1, 0).is_err());
+        assert_eq!(s.read_page_at(5, 0).unwrap(), page(5));
     }
 
     #[test]

@@ -414,6 +414,7 @@ fn corrupt_page_fault_changes_the_root_and_is_flagged_by_the_stable_certificate(
         corrupt_page: Some(CorruptPage {
             after: 4,
             page: None,
+            persistent: false,
         }),
         ..FaultPlan::default()
     };

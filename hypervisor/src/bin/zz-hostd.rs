@@ -77,11 +77,21 @@ fn parse_fault(s: &str) -> Result<(ExecId, FaultPlan)> {
         app: app.trim().parse().context("--fault: bad app id")?,
         index: index.trim().parse().context("--fault: bad replica index")?,
     };
-    let toml_text: String = plan
-        .split(',')
-        .filter(|kv| !kv.trim().is_empty())
-        .map(|kv| format!("{}\n", kv.trim()))
-        .collect();
+    // Commas inside `{...}` belong to an inline table (`corrupt_page={after=8,persistent=true}`).
+    let mut toml_text = String::new();
+    let mut depth = 0usize;
+    for ch in plan.chars() {
+        match ch {
+            '{' => depth += 1,
+            '}' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                toml_text.push('\n');
+                continue;
+            }
+            _ => {}
+        }
+        toml_text.push(ch);
+    }
     let plan: FaultPlan =
         toml::from_str(&toml_text).with_context(|| format!("--fault {s:?}: not a fault plan"))?;
     Ok((exec, plan))
@@ -172,6 +182,12 @@ mod tests {
         assert_eq!(e, ExecId { app: 1, index: 0 });
         assert_eq!(p.wrong_replies_from, Some(3));
         assert_eq!(p.slow_ms, 5);
+        let (_, p) = parse_fault("2/1:corrupt_page={after=8,persistent=true},slow_ms=1").unwrap();
+        let c = p.corrupt_page.unwrap();
+        assert_eq!(
+            (c.after, c.page, c.persistent, p.slow_ms),
+            (8, None, true, 1)
+        );
         assert!(parse_fault("1:wrong_replies_from=3").is_err());
         assert!(parse_fault("1/0:nonsense=3").is_err() || parse_fault("1/0:x").is_err());
     }
