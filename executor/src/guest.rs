@@ -31,6 +31,11 @@
 //!   stops pinging when answered): the guest's port is open and reading, and
 //!   what the host sends from now on is read in order.
 //!
+//! - `zztm` (time), host to guest, sent after the handshake and then every
+//!   second: the host's clock in microseconds since the Unix epoch, which the
+//!   guest sets as its own (an emulated guest's clock drifts by seconds per
+//!   minute on a loaded host, and its logs are compared with the host's).
+//!
 //! This handles the port's quirks measured on this machine kind: bytes the
 //! host sends before the guest opens the port are lost (so the host sends
 //! frames only after a `zzok`), a host that reconnects after a restore may go
@@ -74,6 +79,8 @@ pub const CONTROL_SIZE: usize = 16;
 pub const PING: &[u8; 4] = b"zzpg";
 /// Kind of the guest's answer.
 pub const READY: &[u8; 4] = b"zzok";
+/// Kind of the host's clock, host to guest: microseconds since the Unix epoch.
+pub const TIME: &[u8; 4] = b"zztm";
 
 /// A control frame of `kind` with `nonce`.
 pub fn control_frame(kind: &[u8; 4], nonce: u64) -> [u8; CONTROL_SIZE] {
@@ -262,6 +269,8 @@ pub enum Inbound {
     Frame(Vec<u8>),
     /// A ping with its nonce.
     Ping(u64),
+    /// The host's clock, microseconds since the Unix epoch.
+    Time(u64),
 }
 
 /// Splits the host-to-guest stream into frames and pings. Bytes that cannot
@@ -307,9 +316,12 @@ impl InboundParser {
                     return None;
                 }
                 let item: Vec<u8> = self.buf.drain(..CONTROL_SIZE).collect();
+                let value = u64::from_be_bytes(item[8..16].try_into().expect("8 bytes"));
                 if &item[4..8] == PING {
-                    let nonce = u64::from_be_bytes(item[8..16].try_into().expect("8 bytes"));
-                    return Some(Inbound::Ping(nonce));
+                    return Some(Inbound::Ping(value));
+                }
+                if &item[4..8] == TIME {
+                    return Some(Inbound::Time(value));
                 }
                 continue;
             }
@@ -376,6 +388,7 @@ fn port_to_executor(mut port: File, mut exec: UnixStream, port_w: &Mutex<File>) 
                         return;
                     }
                 }
+                Inbound::Time(micros) => set_clock(micros),
                 Inbound::Ping(nonce) if answered == Some(nonce) => {}
                 Inbound::Ping(nonce) => {
                     answered = Some(nonce);
@@ -386,6 +399,17 @@ fn port_to_executor(mut port: File, mut exec: UnixStream, port_w: &Mutex<File>) 
                 }
             }
         }
+    }
+}
+
+/// Sets the guest's clock to the host's.
+fn set_clock(micros: u64) {
+    let ts = nix::sys::time::TimeSpec::new(
+        (micros / 1_000_000) as i64,
+        ((micros % 1_000_000) * 1000) as i64,
+    );
+    if let Err(e) = nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts) {
+        tracing::debug!(error = %e, "setting the clock failed");
     }
 }
 
@@ -434,6 +458,7 @@ mod tests {
     fn frames_and_pings_are_split_whatever_the_chunking() {
         let mut stream = frame(b"hello");
         stream.extend_from_slice(&control_frame(PING, 42));
+        stream.extend_from_slice(&control_frame(TIME, 1_700_000_000_000_000));
         stream.extend_from_slice(&frame(&[7u8; 5000]));
         for chunk in [1, 3, 16, 4096] {
             let mut p = InboundParser::new(1 << 20);
@@ -449,6 +474,7 @@ mod tests {
                 vec![
                     Inbound::Frame(frame(b"hello")),
                     Inbound::Ping(42),
+                    Inbound::Time(1_700_000_000_000_000),
                     Inbound::Frame(frame(&[7u8; 5000])),
                 ],
                 "chunk {chunk}"

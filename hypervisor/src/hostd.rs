@@ -814,7 +814,10 @@ async fn vm_link(
                 wait = Duration::from_millis(5);
                 ready.announce(exec);
                 let reader = attach_executor(&shared, exec, stream, rest, &shutdown);
+                // The guest's clock follows ours while connected.
+                let clock = tokio::spawn(send_clock(shared.clone(), exec));
                 let _ = reader.await;
+                clock.abort();
             }
             Err(_) => {
                 tokio::select! {
@@ -827,6 +830,26 @@ async fn vm_link(
         if *shutdown.borrow() {
             return;
         }
+    }
+}
+
+/// Sends the host's clock to a VM now and every second (see
+/// `zz_executor::guest`), on its current connection.
+async fn send_clock(shared: Arc<Shared>, exec: ExecId) {
+    use zz_executor::guest::{control_frame, TIME};
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let conn = shared.routes().executors.get(&exec).cloned();
+        if let Some(c) = conn {
+            c.send(
+                Bytes::copy_from_slice(&control_frame(TIME, now)),
+                &shared.stats,
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

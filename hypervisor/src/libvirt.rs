@@ -385,6 +385,8 @@ struct Vm {
     started: bool,
     /// Stopped by `destroy`, not on its own.
     destroyed: bool,
+    /// The domain handle, once looked up.
+    dom: Option<Domain>,
 }
 
 /// The libvirt backend: every replica of one host (one URI).
@@ -437,21 +439,38 @@ impl LibvirtBackend {
     }
 
     /// The replica's domain; one that vanished is redefined and reported.
+    /// The replica's domain handle (looked up once, then cached); one that
+    /// vanished is redefined and reported.
     fn domain(&mut self, exec: ExecId) -> Result<Domain, LifecycleError> {
-        let (name, xml) = {
-            let vm = self.vm(exec)?;
-            (vm.name.clone(), vm.xml.clone())
-        };
+        if let Some(d) = &self.vm(exec)?.dom {
+            return Ok(d.clone());
+        }
+        let name = self.vm(exec)?.name.clone();
         let conn = self.conn().map_err(|e| lib_err(exec, e))?;
         match conn.lookup_domain_by_name(&name) {
-            Ok(d) => Ok(d),
-            Err(e) if e.code() == Enum::Known(ErrorNumber::NoDomain) => {
-                tracing::warn!(%exec, domain = %name, "domain vanished; redefining it");
-                let _ = conn.define_domain_xml(&xml);
-                Err(lib_err(exec, LibvirtError::DomainMissing { name }))
+            Ok(d) => {
+                if let Some(vm) = self.vms.get_mut(&exec) {
+                    vm.dom = Some(d.clone());
+                }
+                Ok(d)
             }
+            Err(e) if e.code() == Enum::Known(ErrorNumber::NoDomain) => Err(self.vanished(exec)),
             Err(e) => Err(self.call_err(exec, "look up", e)),
         }
+    }
+
+    /// Redefines a domain that vanished behind our back; the error to report.
+    fn vanished(&mut self, exec: ExecId) -> LifecycleError {
+        let Some(vm) = self.vms.get_mut(&exec) else {
+            return LifecycleError::UnknownReplica(exec);
+        };
+        vm.dom = None;
+        let (name, xml) = (vm.name.clone(), vm.xml.clone());
+        tracing::warn!(%exec, domain = %name, "domain vanished; redefining it");
+        if let Ok(conn) = self.conn() {
+            let _ = conn.define_domain_xml(&xml);
+        }
+        lib_err(exec, LibvirtError::DomainMissing { name })
     }
 
     fn call_err(&self, exec: ExecId, op: &'static str, e: virt::error::Error) -> LifecycleError {
@@ -477,23 +496,37 @@ impl LibvirtBackend {
     }
 
     /// The libvirt state of a domain: (active, paused, has managed save, shutoff reason is crash).
-    fn raw_state(&self, exec: ExecId, d: &Domain) -> Result<RawState, LifecycleError> {
-        let info = d.info().map_err(|e| self.call_err(exec, "query", e))?;
-        let saved = d
-            .has_managed_save(0)
-            .map_err(|e| self.call_err(exec, "query", e))?;
-        Ok(match info.state {
+    /// The libvirt state of a domain (a managed save is looked for only
+    /// when it is shut off).
+    fn raw_state(d: &Domain) -> Result<RawState, virt::error::Error> {
+        Ok(match d.info()?.state {
             Enum::Known(DomainState::Paused | DomainState::PMSuspended) => RawState::Paused,
-            Enum::Known(DomainState::Shutoff | DomainState::Crashed) if saved => RawState::Saved,
-            Enum::Known(DomainState::Shutoff) => RawState::Off,
-            Enum::Known(DomainState::Crashed) => RawState::Off,
+            Enum::Known(DomainState::Shutoff | DomainState::Crashed) => {
+                if d.has_managed_save(0)? {
+                    RawState::Saved
+                } else {
+                    RawState::Off
+                }
+            }
             _ => RawState::Running,
         })
     }
 
     fn state_of(&mut self, exec: ExecId) -> Result<(Domain, ReplicaState), LifecycleError> {
         let d = self.domain(exec)?;
-        let raw = self.raw_state(exec, &d)?;
+        let raw = match Self::raw_state(&d) {
+            Ok(r) => r,
+            Err(e) if e.code() == Enum::Known(ErrorNumber::NoDomain) => {
+                return Err(self.vanished(exec))
+            }
+            Err(e) => {
+                // A stale handle (libvirtd restarted): look it up again next time.
+                if let Some(vm) = self.vms.get_mut(&exec) {
+                    vm.dom = None;
+                }
+                return Err(self.call_err(exec, "query", e));
+            }
+        };
         let vm = self.vm(exec)?;
         let state = match raw {
             RawState::Running => ReplicaState::Running,
@@ -715,6 +748,7 @@ impl ReplicaLifecycle for LibvirtBackend {
                 xml,
                 started: false,
                 destroyed: false,
+                dom: None,
             },
         );
         Ok(())

@@ -9,6 +9,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use zz_wire::config::ClusterConfig;
 
+/// Floor of the execution timeout with VMs: under TCG a VM's first orders
+/// (opening its store) take far longer than a process's, and a timeout
+/// there would wake the dormant replica before the fault being measured.
+pub const VM_TIMEOUT_MIN_MS: u64 = 3000;
+
 /// Execution replicas as VMs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmSpec {
@@ -34,19 +39,21 @@ impl VmSpec {
         Ok(VmSpec {
             dormant: dormant.into(),
             image: None,
-            memory_mib: 512,
+            memory_mib: 1024,
             uri: "qemu:///system".into(),
             boot_timeout: Duration::from_secs(600),
         })
     }
 
-    /// Puts every host on the libvirt backend with this dormant mode.
+    /// Puts every host on the libvirt backend with this dormant mode, and
+    /// raises the execution timeout floor to [`VM_TIMEOUT_MIN_MS`].
     pub fn apply(&self, cfg: &mut ClusterConfig) {
         for h in &mut cfg.hosts {
             h.backend = "libvirt".into();
             h.libvirt_uri = Some(self.uri.clone());
         }
         cfg.execution.dormant = self.dormant.clone();
+        cfg.execution.timeout_min_ms = cfg.execution.timeout_min_ms.max(VM_TIMEOUT_MIN_MS);
     }
 
     /// Makes the deployment folder reachable by QEMU (user libvirt-qemu

@@ -118,9 +118,6 @@ pub fn write_deployment(dir: &Path, spec: &SystemSpec) -> Result<Deployment> {
         libvirt_uri: None,
         metrics_addr: None,
     });
-    if let Some(vm) = &spec.vm {
-        vm.apply(&mut cfg);
-    }
     for app in 1..=spec.apps {
         cfg.apps.push(AppEntry {
             id: app,
@@ -144,6 +141,9 @@ pub fn write_deployment(dir: &Path, spec: &SystemSpec) -> Result<Deployment> {
     cfg.execution.timeout_min_ms = spec.timeout_min_ms;
     cfg.execution.allow_fault_injection = !spec.faults.is_empty();
     cfg.execution.all_active = spec.all_active;
+    if let Some(vm) = &spec.vm {
+        vm.apply(&mut cfg);
+    }
     cfg.validate().context("validating the deployment")?;
     cfg.save(&d.config_path)?;
     Ok(Deployment::load(&d.config_path)?)

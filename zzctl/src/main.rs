@@ -133,7 +133,7 @@ struct RecoveryArgs {
     #[arg(long, default_value = "paused")]
     dormant: String,
     /// libvirt: memory of each VM in MiB.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 1024)]
     vm_memory: u32,
     #[command(flatten)]
     programs: ProgramArgs,
