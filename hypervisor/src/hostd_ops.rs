@@ -52,6 +52,8 @@ struct ExecEvents {
     busy: Option<HostAction>,
     /// The last host command carried out, and its epoch.
     last: Option<(HostAction, Epoch, bool)>,
+    /// When the last host command ended.
+    last_at: Option<std::time::Instant>,
     /// Pages relayed to this replica in answer to its fetches, ever.
     pages_total: u64,
     /// Pages relayed since it was last woken or reimaged.
@@ -93,6 +95,7 @@ impl OpsState {
             let e = ev.entry(exec).or_default();
             e.busy = None;
             e.last = Some((action, epoch, ok));
+            e.last_at = Some(std::time::Instant::now());
         }
         if ok {
             let c = match action {
@@ -173,7 +176,7 @@ pub struct Ops {
     seen: Mutex<(HashSet<u64>, VecDeque<u64>)>,
     scans: Mutex<HashMap<ExecId, LogScan>>,
     /// The backend's name and the replica states last read from it.
-    last_states: Mutex<(String, HashMap<ExecId, String>)>,
+    last_states: Mutex<(String, HashMap<ExecId, String>, Option<std::time::Instant>)>,
 }
 
 /// Most fault-command nonces remembered (older ones are also too old).
@@ -353,16 +356,38 @@ impl Ops {
                     .collect();
                 cached.0 = b.backend().to_string();
                 cached.1 = fresh.iter().cloned().collect();
+                cached.2 = Some(std::time::Instant::now());
                 fresh
             }
-            Err(_) => self
-                .placed
-                .iter()
-                .map(|p| {
-                    let s = cached.1.get(&p.exec).cloned();
-                    (p.exec, s.unwrap_or_else(|| "unknown: busy".into()))
-                })
-                .collect(),
+            Err(_) => {
+                // What a command that ended since the last read left behind.
+                let events = self.stats.ops.events();
+                let dormant = match self.mode {
+                    DormantMode::Paused => "paused",
+                    DormantMode::Saved => "saved",
+                };
+                self.placed
+                    .iter()
+                    .map(|p| {
+                        let ev = events.get(&p.exec);
+                        let newer = ev
+                            .and_then(|e| e.last_at)
+                            .is_some_and(|at| cached.2.is_none_or(|read| at > read));
+                        let after = match ev.and_then(|e| e.last) {
+                            Some((HostAction::Wake, _, true)) if newer => Some("running"),
+                            // A reimaged replica is put to sleep again.
+                            Some((HostAction::Sleep | HostAction::Reimage, _, true)) if newer => {
+                                Some(dormant)
+                            }
+                            _ => None,
+                        };
+                        let s = after
+                            .map(str::to_string)
+                            .or_else(|| cached.1.get(&p.exec).cloned());
+                        (p.exec, s.unwrap_or_else(|| "unknown: busy".into()))
+                    })
+                    .collect()
+            }
         };
         let backend = cached.0.clone();
         drop(cached);
@@ -537,16 +562,26 @@ impl Ops {
         };
         // The executor reads its plan when it starts: restart a live one.
         if before.is_live() {
-            let restarted = b
-                .destroy(*exec)
-                .and_then(|()| b.start(*exec))
-                .and_then(|()| {
-                    if before.is_dormant() {
-                        carry_out(&mut *b, *exec, HostAction::Sleep, self.mode).map(|_| ())
-                    } else {
-                        Ok(())
-                    }
-                });
+            if let Err(e) = b.destroy(*exec) {
+                return refuse(format!("plan written, but stopping {exec} failed: {e}"));
+            }
+        }
+        // A VM reads its state folder from its disk image: put the plan there.
+        let disk = p.state_dir.join(VM_DISK);
+        if b.backend() == "libvirt" && disk.is_file() {
+            let plan_file = (!plan.is_none()).then_some(path.as_path());
+            if let Err(e) = put_plan_on_disk(&disk, plan_file) {
+                return refuse(format!("cannot put the plan on {}: {e}", disk.display()));
+            }
+        }
+        if before.is_live() {
+            let restarted = b.start(*exec).and_then(|()| {
+                if before.is_dormant() {
+                    carry_out(&mut *b, *exec, HostAction::Sleep, self.mode).map(|_| ())
+                } else {
+                    Ok(())
+                }
+            });
             if let Err(e) = restarted {
                 return refuse(format!("plan written, but restarting {exec} failed: {e}"));
             }
@@ -558,6 +593,58 @@ impl Ops {
             format!("fault plan {plan:?} installed on {exec}; it was restarted")
         })
     }
+}
+
+/// The disk image of a VM replica in its state folder (libvirt backend).
+const VM_DISK: &str = "disk.img";
+
+/// Writes the fault plan file `plan` (or removes it, for `None`) at the root
+/// of the ext4 image `disk` of a stopped VM, with e2fsprogs' `debugfs`, and
+/// checks the result. The VM was stopped without unmounting, so the
+/// journal is replayed first (`e2fsck`): otherwise the guest would replay it
+/// at its next mount over what was written here.
+fn put_plan_on_disk(disk: &std::path::Path, plan: Option<&std::path::Path>) -> Result<(), String> {
+    let debugfs = |args: &[&str]| -> Result<String, String> {
+        let out = std::process::Command::new("debugfs")
+            .args(args)
+            .arg(disk)
+            .output()
+            .map_err(|e| format!("running debugfs (install e2fsprogs): {e}"))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let fsck = std::process::Command::new("e2fsck")
+        .args(["-f", "-y"])
+        .arg(disk)
+        .output()
+        .map_err(|e| format!("running e2fsck (install e2fsprogs): {e}"))?;
+    // 0: clean, 1: errors corrected; anything else is a failure.
+    if !matches!(fsck.status.code(), Some(0 | 1)) {
+        return Err(format!(
+            "e2fsck failed ({}): {}",
+            fsck.status,
+            String::from_utf8_lossy(&fsck.stderr).trim()
+        ));
+    }
+    let name = zz_executor::setup::FAULTS_FILE;
+    debugfs(&["-w", "-R", &format!("rm {name}")])?;
+    let want = match plan {
+        Some(src) => {
+            let src_s = src.to_string_lossy();
+            if src_s.contains(char::is_whitespace) {
+                return Err(format!(
+                    "path {src_s} has spaces, which debugfs cannot take"
+                ));
+            }
+            debugfs(&["-w", "-R", &format!("write {src_s} {name}")])?;
+            std::fs::read_to_string(src).map_err(|e| e.to_string())?
+        }
+        None => String::new(),
+    };
+    let got = debugfs(&["-R", &format!("cat {name}")])?;
+    if got != want {
+        return Err(format!("the disk holds {got:?} instead of the plan"));
+    }
+    Ok(())
 }
 
 /// Decodes `body` (the first frame of a connection that is not a hello) as
