@@ -12,9 +12,11 @@
 //!   is carried out only if it verifies against the config's operator key,
 //!   the config sets `execution.allow_fault_injection`, it is fresh (at most
 //!   [`MAX_COMMAND_AGE_MS`] old, nonce not seen before) and names a replica
-//!   of this host: the plan is written into the replica's state folder and a
-//!   live replica is restarted so it reads it (its state is kept; a dormant
-//!   one is put back to sleep). The answer is a [`Frame::OperatorAck`].
+//!   of this host: the plan is written into the replica's state folder (for
+//!   a VM, into its stopped disk image, with e2fsprogs, after replaying the
+//!   journal) and a live replica is restarted so it reads it (its state is
+//!   kept; a dormant one is put back to sleep). The answer is a
+//!   [`Frame::OperatorAck`].
 //!
 //! Recovery progress comes from two places: the host agent counts the pages
 //! it relays to each replica (every fetched page passes through it), and it
