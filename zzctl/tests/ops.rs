@@ -61,6 +61,10 @@ fn operator_commands_drive_a_deployment_of_real_processes() {
     assert!(out.contains("hostd-h0"), "{out}");
     let out = ok(d, &["up"]);
     assert_eq!(out.matches("already running").count(), 5, "{out}");
+    // init over a running deployment is refused
+    let o = zzctl().args(["init", "--dir"]).arg(d).output().unwrap();
+    assert_eq!(o.status.code(), Some(5), "{:?}", text(&o));
+    assert!(text(&o).1.contains("zzctl down"), "{:?}", text(&o));
     for n in ["replica-0", "replica-3", "hostd-h0"] {
         assert!(d.join(format!("run/{n}.pid")).is_file());
         assert!(d.join(format!("logs/{n}.log")).is_file());

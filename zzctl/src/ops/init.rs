@@ -160,6 +160,16 @@ pub fn write(a: &InitArgs) -> Result<PathBuf> {
         ..DeployOptions::default()
     };
     let dir = &a.dir;
+    let running = super::daemons::deployment_processes(&super::daemons::config_path(dir));
+    if !running.is_empty() {
+        return Err(OpsError::Refused(format!(
+            "a deployment is running in {} (pids {running:?}); stop it with `zzctl down --dir {}` \
+             before writing a new one there",
+            dir.display(),
+            dir.display()
+        ))
+        .into());
+    }
     let d = write_local(dir, &opts)
         .with_context(|| format!("writing the deployment to {}", dir.display()))?;
     let mut cfg: ClusterConfig = d.config.clone();
