@@ -224,6 +224,9 @@ pub struct Replica {
     abstain: Option<(View, Seq)>,
     /// Reconfigurations this primary already put in a batch in this view.
     proposed_reconfigs: BTreeSet<(AppId, u64)>,
+    /// Per app, the epoch this replica last signed an operator wake for: a
+    /// replayed `activate` costs a signature check, never a new suspect.
+    operator_wakes: BTreeMap<AppId, u64>,
     ready: Ready,
     metrics: ReplicaMetrics,
 }
@@ -303,6 +306,7 @@ impl Replica {
             service,
             monitors: remote.iter().map(|a| (*a, Monitor::default())).collect(),
             proposed_reconfigs: BTreeSet::new(),
+            operator_wakes: BTreeMap::new(),
             vote_floor: None,
             abstain: None,
             ready: Ready::default(),
@@ -1163,6 +1167,13 @@ impl Replica {
         if st.active.contains(&exec.index) {
             return Ok(format!("{exec} is already active at epoch {epoch}"));
         }
+        if self.operator_wakes.get(&exec.app) == Some(epoch) {
+            return Ok(format!(
+                "replica {} already asked to wake app {} at epoch {epoch}",
+                self.id, exec.app
+            ));
+        }
+        self.operator_wakes.insert(exec.app, *epoch);
         let app_seq = st.next_app_seq.saturating_sub(1);
         self.suspect(
             exec.app,
