@@ -37,7 +37,7 @@ pub struct InitArgs {
     /// Faults tolerated: 3f+1 agreement replicas, 2f+1 execution replicas per app.
     #[arg(long, default_value_t = 1)]
     pub f: usize,
-    /// Apps, as NAME[:KIND] (KIND: kv, the default, or null).
+    /// Apps, as `NAME[:KIND]` (KIND: kv, the default, or null).
     #[arg(long, value_delimiter = ',', default_value = "kv1,kv2")]
     pub apps: Vec<String>,
     /// Backend of the execution replicas.
