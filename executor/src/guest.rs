@@ -402,14 +402,26 @@ fn port_to_executor(mut port: File, mut exec: UnixStream, port_w: &Mutex<File>) 
     }
 }
 
-/// Sets the guest's clock to the host's.
+/// Sets the guest's clock to the host's; logs the first correction, and any
+/// jump of more than a second.
 fn set_clock(micros: u64) {
+    static SET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
     let ts = nix::sys::time::TimeSpec::new(
         (micros / 1_000_000) as i64,
         ((micros % 1_000_000) * 1000) as i64,
     );
-    if let Err(e) = nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts) {
-        tracing::debug!(error = %e, "setting the clock failed");
+    match nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts) {
+        Ok(()) => {
+            let jump_ms = (micros as i64 - before) / 1000;
+            if !SET.swap(true, std::sync::atomic::Ordering::Relaxed) || jump_ms.abs() > 1000 {
+                tracing::info!(jump_ms, "guest clock set from the host's");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "setting the guest clock failed"),
     }
 }
 
