@@ -234,6 +234,9 @@ pub struct Monitor {
     stable_ms: u64,
     /// When the current epoch's watch began.
     rewatch_ms: u64,
+    /// When each execution replica was last woken or rebuilt: while it
+    /// recovers state it gets a longer timeout (see [`Monitor::allowance`]).
+    woken_ms: BTreeMap<ExecIndex, u64>,
     /// The epoch of the replicated table this monitor last acted on.
     pub epoch_seen: Epoch,
     /// When this replica last sent the current epoch's host commands.
@@ -247,9 +250,35 @@ pub struct Conclusion {
     pub evidence: Evidence,
 }
 
+/// A replica woken less than this long ago is still recovering state.
+pub const RECOVERY_GRACE_MS: u64 = 60_000;
+/// How many timeouts a recovering replica gets to answer: it may fetch the
+/// pages each order reads, and replays the log since the stable checkpoint.
+/// Being slow while recovering is expected, not evidence of a fault; a
+/// silent Byzantine replica only delays its verdict by this factor.
+pub const RECOVERING_TIMEOUT_FACTOR: u64 = 10;
+
 impl Monitor {
     pub fn timeout_ms(&self, min_ms: u64) -> u64 {
         min_ms.max((4.0 * self.latency_ewma_ms) as u64)
+    }
+
+    /// Records that `woken` replicas were just woken (or rebuilt).
+    pub fn note_woken(&mut self, woken: &[ExecIndex], now_ms: u64) {
+        for i in woken {
+            self.woken_ms.insert(*i, now_ms);
+        }
+    }
+
+    /// How long replica `i` may take to answer: `timeout`, or a multiple
+    /// of it while `i` is recovering after a wake.
+    pub fn allowance(&self, i: ExecIndex, timeout: u64, now_ms: u64) -> u64 {
+        match self.woken_ms.get(&i) {
+            Some(t) if now_ms.saturating_sub(*t) < RECOVERY_GRACE_MS => {
+                timeout.saturating_mul(RECOVERING_TIMEOUT_FACTOR)
+            }
+            _ => timeout,
+        }
     }
 
     pub fn order_sent(&mut self, order: Order, now_ms: u64) {
@@ -362,11 +391,16 @@ impl Monitor {
                 };
                 done.push(*seq);
             } else if waited >= timeout {
-                let missing = active
+                let missing: Vec<ExecIndex> = active
                     .iter()
                     .filter(|i| !r.digests.contains_key(i))
+                    .filter(|i| waited >= self.allowance(**i, timeout, now_ms))
                     .copied()
                     .collect();
+                if missing.is_empty() {
+                    // Only recovering replicas are late, and within their allowance.
+                    continue;
+                }
                 conclusion = Some(Conclusion {
                     app_seq: *seq,
                     evidence: Evidence::Timeout {
@@ -405,8 +439,11 @@ impl Monitor {
             .as_ref()
             .filter(|_| self.stable_ms >= self.rewatch_ms)
         {
-            let all_voted = active.iter().all(|i| self.stable_votes.contains_key(i));
-            if all_voted || now_ms.saturating_sub(self.stable_ms) >= timeout {
+            let since = now_ms.saturating_sub(self.stable_ms);
+            let all_in = active.iter().all(|i| {
+                self.stable_votes.contains_key(i) || since >= self.allowance(*i, timeout, now_ms)
+            });
+            if all_in {
                 faulty.extend(
                     active
                         .iter()
@@ -425,8 +462,11 @@ impl Monitor {
                 }
             }
             let good = counts.iter().find(|(_, c)| **c > f).map(|(d, _)| *d)?;
-            let all_answered = active.iter().all(|i| r.digests.contains_key(i));
-            if !all_answered && now_ms.saturating_sub(r.sent_ms) < timeout {
+            let waited = now_ms.saturating_sub(r.sent_ms);
+            let all_in = active.iter().all(|i| {
+                r.digests.contains_key(i) || waited >= self.allowance(*i, timeout, now_ms)
+            });
+            if !all_in {
                 return None;
             }
             faulty.extend(active.iter().filter(|i| r.digests.get(i) != Some(&good)));

@@ -955,6 +955,7 @@ impl Replica {
         m.epoch_seen = epoch;
         m.epoch_changed(epoch, f);
         m.rewatch_all(now);
+        m.note_woken(&woken, now);
         // Woken replicas get the stable checkpoint; every active replica gets
         // every order since it (those that executed them answer from cache),
         // so the new active set's digests can be compared.
