@@ -336,7 +336,11 @@ pub async fn run_with_stats(
         })
         .map_err(|e| DriverError::Internal(format!("cannot start the core thread: {e}")))?;
 
-    let reader = read_loop(rd, core_tx.clone(), link.clone(), store);
+    let lie_pages = cfg.params.faults.lie_pages;
+    if lie_pages {
+        tracing::warn!("fault injection: serving corrupted pages to recovering peers");
+    }
+    let reader = read_loop(rd, core_tx.clone(), link.clone(), store, lie_pages);
     let result = tokio::select! {
         () = reader => {
             tracing::info!(exec = %me, "the host agent closed the stream; stopping");
@@ -397,6 +401,7 @@ async fn read_loop(
     core: std_mpsc::SyncSender<CoreInput>,
     link: Arc<Link>,
     store: PageStore,
+    lie_pages: bool,
 ) {
     let decoder = FrameDecoder::new(MAX_LINK_FRAME);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
@@ -460,7 +465,7 @@ async fn read_loop(
                     };
                     let (store, link) = (store.clone(), link.clone());
                     tokio::spawn(async move {
-                        let resp = tokio::task::spawn_blocking(move || {
+                        let mut resp = tokio::task::spawn_blocking(move || {
                             proto::handle(&store, &Limits::default(), req)
                         })
                         .await
@@ -468,6 +473,9 @@ async fn read_loop(
                             kind: proto::RefusalKind::Internal,
                             detail: e.to_string(),
                         });
+                        if lie_pages {
+                            crate::fault::corrupt_served_pages(&mut resp);
+                        }
                         drop(permit);
                         inc(&link.stats.fetch_served);
                         link.send(&LinkFrame::Fetch(FetchFrame {

@@ -46,6 +46,10 @@ pub struct FaultPlan {
     /// After executing (and sending) this `app_seq`, the driver exits.
     #[serde(default)]
     pub crash_after: Option<AppSeq>,
+    /// A Byzantine page server: every page this replica serves to a
+    /// recovering peer has bytes altered (its own state stays correct).
+    #[serde(default)]
+    pub lie_pages: bool,
 }
 
 impl FaultPlan {
@@ -57,6 +61,19 @@ impl FaultPlan {
     /// Whether replies of `app_seq` are to be altered.
     pub fn wrong_replies(&self, app_seq: AppSeq) -> bool {
         self.wrong_replies_from.is_some_and(|s| app_seq >= s)
+    }
+}
+
+/// What a lying page server does to a fetch response: alters the first
+/// byte of every page (proofs and leaves are left as they were, so the
+/// recipient's verification is what must catch it).
+pub fn corrupt_served_pages(resp: &mut zz_statefetch::Response) {
+    if let zz_statefetch::Response::Pages(reply) = resp {
+        for p in &mut reply.pages {
+            if let Some(b) = p.data.first_mut() {
+                *b ^= 0xFF;
+            }
+        }
     }
 }
 

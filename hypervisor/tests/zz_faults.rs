@@ -433,6 +433,11 @@ fn check_history(history: &[Event]) {
 /// Runs a scenario: load with faults, then waits for the repair, then reads
 /// every key back and checks the whole history.
 fn run(s: Scenario) {
+    run_then(s, |_| {});
+}
+
+/// [`run`], then `check` on the still running system.
+fn run_then(s: Scenario, check: impl FnOnce(&System)) {
     let dir = test_dir();
     let sys = System::start(dir.path(), &s);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -533,6 +538,7 @@ fn run(s: Scenario) {
             );
         }
     }
+    check(&sys);
 }
 
 fn scenario(f: usize, faults: &[(u32, u32, &str)]) -> Scenario {
@@ -644,4 +650,28 @@ fn linearizability_checker_rejects_a_lost_write() {
     let mut twice = put.clone();
     twice.result = KvResult::Stored { replaced: true };
     assert!(!linearizable(&[twice]));
+}
+
+#[test]
+fn f1_byzantine_page_server_is_excluded() {
+    let mut s = scenario(
+        1,
+        &[(1, 0, "wrong_replies_from=10"), (1, 1, "lie_pages=true")],
+    );
+    // Replica 1 executes correctly; only its page serving lies, which the
+    // agreement cannot see: the recovering replica must see through it.
+    s.faulty = vec![(1, 0)];
+    run_then(s, |sys| {
+        let log = sys.executor_log(1, 2);
+        assert!(
+            log.lines().any(|l| l.contains("source failed")
+                && l.contains("app1/exec1")
+                && l.contains("excluded=true")),
+            "the woken replica must exclude the lying page server:\n{log}"
+        );
+        assert!(
+            log.contains("recovery complete"),
+            "the woken replica completes recovery from the honest peer:\n{log}"
+        );
+    });
 }
