@@ -46,6 +46,10 @@ pub struct DemoArgs {
     /// Longest wait, in seconds, for the repair to complete.
     #[arg(long, default_value_t = 90.0)]
     pub max_wait: f64,
+    /// `process` (the default: plain processes) or `libvirt` (the execution
+    /// replicas as QEMU VMs; needs `scripts/setup-libvirt` and `zzctl image build`).
+    #[arg(long, default_value = "process", value_parser = ["process", "libvirt"])]
+    pub backend: String,
 }
 
 /// The app the fault goes to, and the replica.
@@ -226,14 +230,15 @@ pub fn run(a: &DemoArgs) -> Result<()> {
 
 fn demo(dir: &Path, a: &DemoArgs) -> Result<()> {
     println!(
-        "zz demo: f=1, two kv apps, process backend, in {}\n",
+        "zz demo: f=1, two kv apps, {} backend, in {}\n",
+        a.backend,
         dir.display()
     );
     let init_args = init::InitArgs {
         dir: dir.to_path_buf(),
         f: 1,
         apps: vec!["kv1".into(), "kv2".into()],
-        backend: "process".into(),
+        backend: a.backend.clone(),
         hosts: vec![],
         allow_fault_injection: true,
         clients: 4,
@@ -243,14 +248,14 @@ fn demo(dir: &Path, a: &DemoArgs) -> Result<()> {
         checkpoint_interval: 64,
         // A replica that is merely slow on a busy laptop should not be
         // suspected; the injected fault is caught by its wrong replies.
-        exec_timeout_ms: Some(500),
+        exec_timeout_ms: Some(if a.backend == "libvirt" { 2000 } else { 500 }),
     };
     init::write(&init_args)?;
     let cfg = Arc::new(crate::ops::load_config(dir)?);
     println!(
         "1. init: 4 agreement replicas, host h0, apps kv1 and kv2 with execution replicas 0,1 active and 2 dormant"
     );
-    let up = daemons::start(dir, Duration::from_secs(30))?;
+    let up = daemons::start(dir, Duration::from_secs(180))?;
     println!(
         "   up: {} daemons started (pid files in {}/run)",
         up.started.len(),
