@@ -403,7 +403,8 @@ fn port_to_executor(mut port: File, mut exec: UnixStream, port_w: &Mutex<File>) 
 }
 
 /// Sets the guest's clock to the host's; logs the first correction, and any
-/// jump of more than a second.
+/// jump of more than 2 s (frames queued while the VM was paused arrive
+/// together, each a second ahead of the last: not worth a line each).
 fn set_clock(micros: u64) {
     static SET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let before = std::time::SystemTime::now()
@@ -417,7 +418,7 @@ fn set_clock(micros: u64) {
     match nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts) {
         Ok(()) => {
             let jump_ms = (micros as i64 - before) / 1000;
-            if !SET.swap(true, std::sync::atomic::Ordering::Relaxed) || jump_ms.abs() > 1000 {
+            if !SET.swap(true, std::sync::atomic::Ordering::Relaxed) || jump_ms.abs() > 2000 {
                 tracing::info!(jump_ms, "guest clock set from the host's");
             }
         }
