@@ -606,6 +606,9 @@ pub async fn start(opts: HostdOptions) -> Result<Hostd, HostdError> {
         })
         .await
         .map_err(|e| HostdError::Internal(e.to_string()))??;
+        if on_vms {
+            crate::hostd_vm::wait_booted(&guest_ready, &opts.vm, &logs).await?;
+        }
         crate::hostd_vm::sleep_when_ready(&sleeper, started, &guest_ready, &modes, &opts.vm, &logs)
             .await?;
     }

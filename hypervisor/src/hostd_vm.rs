@@ -199,6 +199,29 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Waits until every VM of `logs` (all of this host's) has booted and
+/// answered the handshake, so agreement replicas are accepted (the host
+/// agent listens) only once every replica can execute: a first order sent
+/// to a VM still booting would time out and wake a dormant replica for
+/// nothing.
+pub async fn wait_booted(
+    ready: &GuestReady,
+    vm: &VmOptions,
+    logs: &HashMap<ExecId, PathBuf>,
+) -> Result<(), HostdError> {
+    for (exec, log) in logs {
+        if !ready.wait_above(*exec, 0, vm.boot_timeout).await {
+            return Err(HostdError::GuestTimeout {
+                path: PathBuf::from(exec.to_string()),
+                log: log.clone(),
+                secs: vm.boot_timeout.as_secs(),
+            });
+        }
+    }
+    tracing::info!(vms = logs.len(), "every VM booted");
+    Ok(())
+}
+
 /// Waits for each of `execs` to boot, then puts it to sleep.
 pub async fn sleep_when_ready(
     backend: &Arc<Mutex<HostBackend>>,

@@ -118,10 +118,10 @@ fn deployment(dir: &Path, dormant: &str) -> Deployment {
         });
     }
     cfg.execution.checkpoint_interval = 4;
-    // A VM under TCG answers more slowly than a process (its first orders
-    // open the store): a short floor makes early timeouts wake replica 2
-    // before the wrong replies this drill is about.
-    cfg.execution.timeout_min_ms = 3000;
+    // A VM under TCG answers more slowly than a process, more so on a
+    // loaded machine: a short floor makes timeouts wake replica 2 before
+    // the wrong replies this drill is about.
+    cfg.execution.timeout_min_ms = 5000;
     cfg.execution.allow_fault_injection = true;
     // Per app (the deployment default stays `paused`).
     cfg.execution
