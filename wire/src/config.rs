@@ -460,33 +460,55 @@ impl ClusterConfig {
         Ok(())
     }
 
-    /// Checks that every private key file the config names exists and is
-    /// readable, naming the field of the first that is not. Daemons read
-    /// only their own key; `zzctl up` calls this first so that a missing
-    /// key stops the whole deployment before anything starts.
+    /// Checks that every private key file the config names can be read, holds
+    /// a key, and matches the public key listed beside it, naming the field of
+    /// the first that does not. Daemons read only their own key; `zzctl up`
+    /// calls this first so that a bad key stops the whole deployment before
+    /// anything starts.
     pub fn check_key_files(&self) -> Result<(), ConfigError> {
-        let mut files: Vec<(String, &Path)> = Vec::new();
+        let mut files: Vec<(String, &Path, Option<&str>)> = Vec::new();
         for (i, r) in self.replicas.iter().enumerate() {
-            files.push((format!("replicas[{i}].key_file"), &r.key_file));
+            files.push((
+                format!("replicas[{i}].key_file"),
+                &r.key_file,
+                Some(&r.public_key),
+            ));
         }
         for (i, c) in self.clients.iter().enumerate() {
             if let Some(k) = &c.key_file {
-                files.push((format!("clients[{i}].key_file"), k));
+                files.push((format!("clients[{i}].key_file"), k, Some(&c.public_key)));
             }
         }
         for (i, e) in self.executors.iter().enumerate() {
-            files.push((format!("executors[{i}].key_file"), &e.key_file));
+            files.push((
+                format!("executors[{i}].key_file"),
+                &e.key_file,
+                Some(&e.public_key),
+            ));
         }
         if let Some(k) = &self.operator_key_file {
-            files.push(("operator_key_file".into(), k));
+            let public = self.operator_public_key.as_deref();
+            files.push(("operator_key_file".into(), k, public));
         }
-        for (field, p) in files {
+        for (field, p, public) in files {
             let path = self.resolve(p);
-            if let Err(e) = std::fs::File::open(&path) {
+            let key = match read_key_file(&path) {
+                Ok(k) => k,
+                Err(ConfigError::Key { message, .. }) => {
+                    return Err(invalid(
+                        field,
+                        format!("key file {}: {message}", path.display()),
+                    ))
+                }
+                Err(e) => return Err(invalid(field, e.to_string())),
+            };
+            let listed = public.and_then(|p| parse_public_key(p).ok());
+            if listed.is_some_and(|l| l != key.public()) {
                 return Err(invalid(
                     field,
                     format!(
-                        "cannot read key file {}: {e}; restore it, or run `zzctl init` again",
+                        "key file {} does not hold the private key of the public key listed \
+                         beside it; restore the right file, or run `zzctl init` again",
                         path.display()
                     ),
                 ));

@@ -309,6 +309,12 @@ fn bad_configs_are_refused_naming_the_field_and_nothing_starts() {
         "replicas[2].key_file",
     );
     refused(
+        |d, _| {
+            std::fs::copy(d.join("keys/replica-2.key"), d.join("keys/replica-1.key")).unwrap();
+        },
+        "replicas[1].key_file",
+    );
+    refused(
         |_, c| c.replicas[1].addr = c.replicas[0].addr,
         "replicas[1].addr",
     );
