@@ -1046,6 +1046,12 @@ impl Replica {
                     self.suspect(from.app, epoch, ck.app_seq, ev);
                 }
                 if let Some(cert) = stable {
+                    tracing::info!(
+                        replica = self.id,
+                        app = from.app,
+                        app_seq = cert.app_seq,
+                        "execution checkpoint stable"
+                    );
                     for index in active {
                         let to = ExecId {
                             app: from.app,

@@ -66,6 +66,9 @@ struct Scenario {
     faulty: Vec<(u32, u32)>,
     clients: usize,
     ops_per_client: usize,
+    /// 64 KiB values written to every app before the load (and the faults'
+    /// app_seqs count from after them), so that recovery has state to fetch.
+    preload_values: u64,
 }
 
 fn deployment(dir: &Path, s: &Scenario) -> Deployment {
@@ -446,6 +449,21 @@ fn run_then(s: Scenario, check: impl FnOnce(&System)) {
         .build()
         .unwrap();
     let mut history: Vec<Event> = rt.block_on(async {
+        if s.preload_values > 0 {
+            let mut c = {
+                let _g = rt.enter();
+                client(&sys.dep, 0)
+            };
+            for &app in &s.apps {
+                for i in 0..s.preload_values {
+                    let op = KvOp::Put {
+                        key: format!("big{i}").into_bytes(),
+                        value: vec![(i % 251) as u8; 64 * 1024],
+                    };
+                    c.invoke(app, op.encode()).await.expect("preload");
+                }
+            }
+        }
         let mut tasks = Vec::new();
         for i in 0..s.clients {
             let c = {
@@ -555,6 +573,7 @@ fn scenario(f: usize, faults: &[(u32, u32, &str)]) -> Scenario {
         faulty: faults.iter().map(|(a, i, _)| (*a, *i)).collect(),
         clients: 3,
         ops_per_client: 40,
+        preload_values: 0,
     }
 }
 
@@ -672,6 +691,66 @@ fn f1_byzantine_page_server_is_excluded() {
         assert!(
             log.contains("recovery complete"),
             "the woken replica completes recovery from the honest peer:\n{log}"
+        );
+    });
+}
+
+#[test]
+fn f2_recovery_outlasts_newer_stable_checkpoints() {
+    // 8 MiB to fetch while the load goes on with a checkpoint every 4
+    // app_seqs. With f = 2, replicas 1 and 2 stay correct and active and
+    // keep making checkpoints stable while woken replica 3 still fetches;
+    // its peers keep serving the checkpoint it started from.
+    let mut s = scenario(2, &[(1, 0, "wrong_replies_from=140")]);
+    s.preload_values = 128;
+    s.ops_per_client = 80;
+    run_then(s, |sys| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut log = sys.executor_log(1, 3);
+        while !log.contains("recovery complete") {
+            assert!(
+                Instant::now() < deadline,
+                "the woken replica completes its recovery:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+            log = sys.executor_log(1, 3);
+        }
+        let started = log
+            .lines()
+            .find(|l| l.contains("recovering: executing from the stable checkpoint"))
+            .and_then(|l| l.split("app_seq=").nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("recovery start logged");
+        // A checkpoint newer than the recovery's became stable meanwhile:
+        // replica 0 of the agreement logged its stable execution checkpoints.
+        let done_at = log
+            .lines()
+            .find(|l| l.contains("recovery complete"))
+            .and_then(|l| l.split_whitespace().next())
+            .expect("timestamped line")
+            .to_string();
+        let newer = sys.replica_log(0).lines().any(|l| {
+            l.contains("execution checkpoint stable")
+                && l.split_whitespace()
+                    .next()
+                    .is_some_and(|t| *t < *done_at.as_str())
+                && l.split("app_seq=")
+                    .nth(1)
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|s| s > started)
+        });
+        assert!(
+            newer,
+            "no newer checkpoint became stable during the recovery"
+        );
+        let hostd = sys.hostd_log();
+        assert!(
+            !hostd.lines().any(|l| l.contains("host command done")
+                && l.contains("app1/exec3")
+                && l.contains("Reimage")),
+            "the recovering replica is not condemned:\n{hostd}"
         );
     });
 }

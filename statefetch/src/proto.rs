@@ -146,6 +146,8 @@ pub fn handle(store: &PageStore, limits: &Limits, request: Request) -> Response 
                 format!("checkpoint {seq} has root {}", info.root),
             ));
         }
+        // A peer is fetching this checkpoint: keep it while it does.
+        store.touch(seq);
         Ok(())
     };
     match request {

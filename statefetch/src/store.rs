@@ -166,6 +166,11 @@ pub struct StoreConfig {
     pub max_pages: u64,
     /// sled page-cache size in bytes.
     pub cache_capacity: u64,
+    /// A checkpoint served to a peer (see [`PageStore::touch`]) is not
+    /// released until it has gone this long without a request: a peer
+    /// recovering from it can finish even after newer checkpoints became
+    /// stable and the bound was reached.
+    pub serve_lease: std::time::Duration,
 }
 
 impl Default for StoreConfig {
@@ -174,6 +179,7 @@ impl Default for StoreConfig {
             max_checkpoints: 4,
             max_pages: 1 << 28,
             cache_capacity: 256 << 20,
+            serve_lease: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -297,6 +303,8 @@ struct Inner {
     kv: sled::Tree,
     state: RwLock<State>,
     config: StoreConfig,
+    /// When each checkpoint last served a peer (see [`PageStore::touch`]).
+    leases: std::sync::Mutex<HashMap<Seq, std::time::Instant>>,
 }
 
 /// Application pages with copy-on-write checkpoints. Cheap to clone (shared).
@@ -373,6 +381,7 @@ impl PageStore {
                     max_checkpoints: config.max_checkpoints.max(1),
                     ..config
                 },
+                leases: std::sync::Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -568,19 +577,26 @@ impl PageStore {
             // The pinned checkpoint does not count and is never released;
             // checkpoints newer than it are released afterwards (their
             // saved copies move to the next older one, see `release`).
-            let pinned = st.pinned.filter(|p| st.ckpts.contains_key(p));
-            let unpinned = st.ckpts.len() - usize::from(pinned.is_some());
-            let excess = (unpinned + 1).saturating_sub(self.inner.config.max_checkpoints);
+            // Leased checkpoints (serving a recovering peer) likewise.
+            let protected: Vec<Seq> = st
+                .ckpts
+                .keys()
+                .filter(|s| st.pinned == Some(**s) || self.leased(**s))
+                .copied()
+                .collect();
+            let unprotected = st.ckpts.len() - protected.len();
+            let excess = (unprotected + 1).saturating_sub(self.inner.config.max_checkpoints);
             let evict: Vec<Seq> = st
                 .ckpts
                 .keys()
-                .filter(|s| Some(**s) != pinned)
+                .filter(|s| !protected.contains(s))
                 .take(excess)
                 .copied()
                 .collect();
+            let oldest_protected = protected.first().copied();
             let (released, later): (Vec<Seq>, Vec<Seq>) = evict
                 .into_iter()
-                .partition(|s| pinned.is_none_or(|p| *s < p));
+                .partition(|s| oldest_protected.is_none_or(|p| *s < p));
             release_after.extend(later);
             for s in &released {
                 batch.remove(&key1(TAG_CKPT, *s)[..]);
@@ -774,14 +790,31 @@ impl PageStore {
         Ok(())
     }
 
-    /// Releases every retained checkpoint before `seq` (except the latest).
+    /// Notes that checkpoint `seq` just served a peer: it is kept for
+    /// [`StoreConfig::serve_lease`] more (the fetch server calls this).
+    pub fn touch(&self, seq: Seq) {
+        let mut leases = self.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+        let lease = self.inner.config.serve_lease;
+        leases.retain(|_, t| t.elapsed() < lease);
+        leases.insert(seq, std::time::Instant::now());
+    }
+
+    fn leased(&self, seq: Seq) -> bool {
+        let leases = self.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+        leases
+            .get(&seq)
+            .is_some_and(|t| t.elapsed() < self.inner.config.serve_lease)
+    }
+
+    /// Releases every retained checkpoint before `seq` (except the latest,
+    /// and those a peer fetched from within the lease).
     pub fn release_before(&self, seq: Seq) -> Result<(), StoreError> {
         let old: Vec<Seq> = {
             let st = self.read_state()?;
             st.ckpts
                 .range(..seq)
                 .map(|(s, _)| *s)
-                .filter(|s| Some(*s) != st.latest)
+                .filter(|s| Some(*s) != st.latest && !self.leased(*s))
                 .collect()
         };
         for s in old {
@@ -1259,6 +1292,38 @@ mod tests {
         s.checkpoint(6).unwrap();
         assert!(s.read_page_at(1, 0).is_err());
         assert_eq!(s.read_page_at(5, 0).unwrap(), page(5));
+    }
+
+    #[test]
+    fn a_checkpoint_serving_a_peer_is_kept_for_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let lease = std::time::Duration::from_millis(300);
+        let s = PageStore::open(
+            dir.path(),
+            StoreConfig {
+                max_checkpoints: 2,
+                serve_lease: lease,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        s.write_page(0, &page(1)).unwrap();
+        s.checkpoint(1).unwrap();
+        // A recovering peer fetches checkpoint 1 ...
+        s.touch(1);
+        // ... while newer ones are taken and one becomes stable.
+        for v in 2..=4 {
+            s.write_page(0, &page(v)).unwrap();
+            s.checkpoint(v).unwrap();
+        }
+        s.release_before(4).unwrap();
+        assert_eq!(s.read_page_at(1, 0).unwrap(), page(1));
+        assert!(s.read_page_at(2, 0).is_err(), "unleased ones go as usual");
+        // Once the peer stops fetching, the next release lets it go.
+        std::thread::sleep(lease + std::time::Duration::from_millis(50));
+        s.release_before(4).unwrap();
+        assert!(s.read_page_at(1, 0).is_err());
+        assert_eq!(s.read_page_at(4, 0).unwrap(), page(4));
     }
 
     #[test]
