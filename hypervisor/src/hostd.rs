@@ -846,7 +846,10 @@ async fn send_clock(shared: Arc<Shared>, exec: ExecId) {
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
         let conn = shared.routes().executors.get(&exec).cloned();
-        if let Some(c) = conn {
+        // A dormant VM does not read: once its socket is full and frames
+        // queue here, it gets no more clock frames (what waits is bounded
+        // by the socket buffer).
+        if let Some(c) = conn.filter(|c| c.queued.load(Ordering::Relaxed) == 0) {
             c.send(
                 Bytes::copy_from_slice(&control_frame(TIME, now)),
                 &shared.stats,
