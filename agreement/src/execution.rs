@@ -234,6 +234,10 @@ pub struct Monitor {
     stable_ms: u64,
     /// When the current epoch's watch began.
     rewatch_ms: u64,
+    /// Replicas seen returning a digest other than one f+1 agreed on, for
+    /// an order since dropped from `returned` (a checkpoint became stable
+    /// after it), with that `app_seq`: evidence the verdict must not lose.
+    disagreed: BTreeMap<ExecIndex, AppSeq>,
     /// When each execution replica was last woken or rebuilt: while it
     /// recovers state it gets a longer timeout (see [`Monitor::allowance`]).
     woken_ms: BTreeMap<ExecIndex, u64>,
@@ -261,6 +265,11 @@ pub const RECOVERING_TIMEOUT_FACTOR: u64 = 10;
 impl Monitor {
     pub fn timeout_ms(&self, min_ms: u64) -> u64 {
         min_ms.max((4.0 * self.latency_ewma_ms) as u64)
+    }
+
+    /// A verdict took effect: the evidence gathered for it is spent.
+    pub fn verdict_applied(&mut self) {
+        self.disagreed.clear();
     }
 
     /// Records that `woken` replicas were just woken (or rebuilt).
@@ -472,6 +481,12 @@ impl Monitor {
             faulty.extend(active.iter().filter(|i| r.digests.get(i) != Some(&good)));
             last = Some(*seq);
         }
+        for (i, seq) in &self.disagreed {
+            if active.contains(i) {
+                faulty.insert(*i);
+                last = Some(last.map_or(*seq, |l| l.max(*seq)));
+            }
+        }
         // More than f "faulty" means a correct replica is merely slow: wait.
         if faulty.len() > f {
             return None;
@@ -594,8 +609,25 @@ impl Monitor {
             self.orders = self.orders.split_off(&(ck.app_seq + 1));
             self.checkpoints = self.checkpoints.split_off(&(ck.app_seq + 1));
             // f+1 replicas reached the same state there: what happened
-            // before it can neither be replayed nor needs watching.
-            self.returned = self.returned.split_off(&(ck.app_seq + 1));
+            // before it can neither be replayed nor needs watching; but a
+            // replica that answered one of those orders wrongly stays
+            // suspect for this epoch's verdict (a wrong reply leaves the
+            // state, and so the checkpoint, correct).
+            let kept = self.returned.split_off(&(ck.app_seq + 1));
+            let dropped = std::mem::replace(&mut self.returned, kept);
+            for (seq, r) in dropped {
+                let mut counts: BTreeMap<Digest, usize> = BTreeMap::new();
+                for d in r.digests.values() {
+                    *counts.entry(*d).or_default() += 1;
+                }
+                if let Some((good, _)) = counts.iter().find(|(_, c)| **c > f) {
+                    for (i, d) in &r.digests {
+                        if d != good {
+                            self.disagreed.entry(*i).or_insert(seq);
+                        }
+                    }
+                }
+            }
             self.stable = Some(cert.clone());
             return Ok(Some(cert));
         }

@@ -945,6 +945,7 @@ impl Replica {
             return;
         };
         let (epoch, active, woken) = (st.epoch, st.active.clone(), st.woken.clone());
+        let after_verdict = !st.recovering;
         tracing::info!(replica = self.id, app, epoch, commands = ?st.commands, ?active, "execution replicas reconfigured");
         self.send_host_commands(app);
         let now = self.now_ms;
@@ -956,6 +957,9 @@ impl Replica {
         m.epoch_changed(epoch, f);
         m.rewatch_all(now);
         m.note_woken(&woken, now);
+        if after_verdict {
+            m.verdict_applied();
+        }
         // Woken replicas get the stable checkpoint; every active replica gets
         // every order since it (those that executed them answer from cache),
         // so the new active set's digests can be compared.
