@@ -340,7 +340,15 @@ pub async fn run_with_stats(
     if lie_pages {
         tracing::warn!("fault injection: serving corrupted pages to recovering peers");
     }
-    let reader = read_loop(rd, core_tx.clone(), link.clone(), store, lie_pages);
+    let serve_delay = Duration::from_millis(cfg.params.faults.serve_delay_ms);
+    let reader = read_loop(
+        rd,
+        core_tx.clone(),
+        link.clone(),
+        store,
+        lie_pages,
+        serve_delay,
+    );
     let result = tokio::select! {
         () = reader => {
             tracing::info!(exec = %me, "the host agent closed the stream; stopping");
@@ -402,6 +410,7 @@ async fn read_loop(
     link: Arc<Link>,
     store: PageStore,
     lie_pages: bool,
+    serve_delay: Duration,
 ) {
     let decoder = FrameDecoder::new(MAX_LINK_FRAME);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
@@ -475,6 +484,9 @@ async fn read_loop(
                         });
                         if lie_pages {
                             crate::fault::corrupt_served_pages(&mut resp);
+                        }
+                        if !serve_delay.is_zero() {
+                            tokio::time::sleep(serve_delay).await;
                         }
                         drop(permit);
                         inc(&link.stats.fetch_served);

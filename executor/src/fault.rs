@@ -50,6 +50,10 @@ pub struct FaultPlan {
     /// recovering peer has bytes altered (its own state stays correct).
     #[serde(default)]
     pub lie_pages: bool,
+    /// A slow page server: each fetch request from a peer is answered this
+    /// many milliseconds late.
+    #[serde(default)]
+    pub serve_delay_ms: u64,
 }
 
 impl FaultPlan {

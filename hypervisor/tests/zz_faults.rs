@@ -700,7 +700,17 @@ fn f2_recovery_outlasts_newer_stable_checkpoints() {
     // app_seqs. With f = 2, replicas 1 and 2 stay correct and active and
     // keep making checkpoints stable while woken replica 3 still fetches;
     // its peers keep serving the checkpoint it started from.
-    let mut s = scenario(2, &[(1, 0, "wrong_replies_from=396")]);
+    // The peers serve pages 20 ms late, so the fetch surely spans several
+    // checkpoints (one every 4 app_seqs under the clients' load).
+    let mut s = scenario(
+        2,
+        &[
+            (1, 0, "wrong_replies_from=396,serve_delay_ms=20"),
+            (1, 1, "serve_delay_ms=20"),
+            (1, 2, "serve_delay_ms=20"),
+        ],
+    );
+    s.faulty = vec![(1, 0)];
     s.preload_values = 384;
     s.ops_per_client = 150;
     run_then(s, |sys| {
