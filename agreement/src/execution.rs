@@ -684,3 +684,68 @@ pub enum CheckpointError {
     #[error("bad execution checkpoint signature")]
     BadSignature,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zz_wire::crypto::KeyPair;
+    use zz_wire::exec::sign_exec_checkpoint;
+
+    fn checkpoint(
+        m: &mut Monitor,
+        keys: &[KeyPair],
+        exec: ExecIndex,
+        app_seq: AppSeq,
+        root: Digest,
+    ) -> Option<ExecCheckpointCert> {
+        let ck = ExecCheckpoint {
+            app: 1,
+            app_seq,
+            root,
+            exec,
+        };
+        let sig = sign_exec_checkpoint(&ck, &keys[exec as usize]);
+        let public: Vec<VerifyingKey> = keys.iter().map(|k| k.public()).collect();
+        m.add_checkpoint(ck, sig, &public, 1, 1_000).unwrap()
+    }
+
+    /// A wrong reply leaves the state correct: the faulty replica's checkpoint
+    /// matches, the checkpoint becomes stable, and the orders before it are
+    /// dropped. The verdict must still name the replica that answered wrongly.
+    #[test]
+    fn a_wrong_digest_before_a_stable_checkpoint_still_convicts() {
+        let keys: Vec<KeyPair> = (0..3).map(|_| KeyPair::generate()).collect();
+        let mut m = Monitor::default();
+        let active: BTreeSet<ExecIndex> = (0..3).collect();
+        m.rewatch_all(0);
+        m.order_sent(
+            Order {
+                app: 1,
+                app_seq: 7,
+                seq: 7,
+                requests: vec![],
+            },
+            0,
+        );
+        let (good, bad) = (Digest([1; 32]), Digest([2; 32]));
+        m.record(7, 0, bad);
+        m.record(7, 1, good);
+        m.record(7, 2, good);
+        let root = Digest([9; 32]);
+        assert!(checkpoint(&mut m, &keys, 1, 8, root).is_none());
+        assert!(
+            checkpoint(&mut m, &keys, 2, 8, root).is_some(),
+            "stable at 8"
+        );
+        // Replica 0's state is right: its checkpoint vote matches.
+        assert!(checkpoint(&mut m, &keys, 0, 8, root).is_none());
+        let c = m
+            .evaluate(1, &active, true, 1, 5_000, 200)
+            .expect("a verdict");
+        assert_eq!(c.evidence, Evidence::Verdict { faulty: vec![0] });
+        // Once a verdict took effect, that evidence is spent.
+        m.verdict_applied();
+        m.rewatch_all(6_000);
+        assert!(m.disagreed.is_empty());
+    }
+}
