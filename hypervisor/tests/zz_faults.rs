@@ -11,7 +11,7 @@
 //!   linearizable against a sequential kv: clients only accepted correct
 //!   results, and no acknowledged write was lost or applied twice.
 //!
-//! Scenarios: wrong replies, a crash, a corrupted page (caught at a
+//! Scenarios (f=1 and f=2): wrong replies, a crash, a corrupted page (caught at a
 //! checkpoint), a slow executor, f faulty executors of one app at once, and
 //! faults in two apps at once. The single-Byzantine-agreement-replica case
 //! is `host_commands.rs`; lying page servers are statefetch's tests and
@@ -762,4 +762,9 @@ fn f2_recovery_outlasts_newer_stable_checkpoints() {
             "the recovering replica is not condemned:\n{hostd}"
         );
     });
+}
+
+#[test]
+fn f2_slow_executor() {
+    run(scenario(2, &[(1, 2, "slow_ms=1500")]));
 }
