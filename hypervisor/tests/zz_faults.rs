@@ -14,8 +14,10 @@
 //! Scenarios (f=1 and f=2): wrong replies, a crash, a corrupted page (caught at a
 //! checkpoint), a slow executor, f faulty executors of one app at once, and
 //! faults in two apps at once. The single-Byzantine-agreement-replica case
-//! is `host_commands.rs`; lying page servers are statefetch's tests and
-//! `byzantine_page_server_is_excluded` below.
+//! is `host_commands.rs`. Also: a Byzantine page server excluded by the
+//! woken replica (`f1_byzantine_page_server_is_excluded`), and a recovery
+//! that outlasts newer stable checkpoints
+//! (`f2_recovery_outlasts_newer_stable_checkpoints`).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::TcpStream;
