@@ -553,10 +553,10 @@ async fn recovery_clients(
     let mut done_at: Option<Instant> = None;
     loop {
         if seq >= plan.last_seq {
-            // A woken replica recovers from the checkpoint stable at the
-            // fault; today it fails if a newer checkpoint becomes stable
-            // (and the old one is released) before it has every page, so
-            // the load stops short of the next checkpoint; wait idle.
+            // The load stops short of the next checkpoint, so every run
+            // measures the same work: the fetch of the checkpoint stable at
+            // the fault. (A newer stable checkpoint would not break the
+            // recovery: peers keep a checkpoint that is being fetched.)
             eprintln!(
                 "zzctl bench: load paused at app_seq {seq}, before the next checkpoint; waiting for the full state"
             );
