@@ -95,7 +95,7 @@ impl Default for RecoveryConfig {
 }
 
 /// Pages per background request while reads fetch on demand.
-const DEMAND_TIME_BATCH: usize = 8;
+const DEMAND_TIME_BATCH: usize = 32;
 /// Largest node range asked in one request (2 MiB of hashes).
 const MAX_NODES: u64 = 1 << 16;
 /// Events kept until [`RecoveryView::take_events`]; later faults are only counted.
