@@ -583,18 +583,14 @@ async fn fetch_one(
 }
 
 /// Fetches a batch of missing pages (`guard.pages`, marked in flight by the
-/// caller) and verifies each against its verified leaf hash.
-async fn fetch_batch(mut guard: InFlight) -> Result<(), RecoveryError> {
+/// caller) and verifies each against its verified leaf hash (`leaves`, taken
+/// by the caller under the same lock as the pages: a reader may fetch one of
+/// them and drop its leaf before this task runs, and a missing leaf would
+/// wrongly convict an honest source).
+async fn fetch_batch(mut guard: InFlight, leaves: Vec<Digest>) -> Result<(), RecoveryError> {
     let sh = guard.sh.clone();
     let pages = guard.pages.clone();
     let (seq, root, n) = (sh.cert.seq, sh.cert.root, sh.num_pages);
-    let leaves: Vec<Digest> = {
-        let st = sh.lock();
-        pages
-            .iter()
-            .map(|p| st.leaf.get(p).copied().unwrap_or(Digest::ZERO))
-            .collect()
-    };
     let request = Request::Pages {
         seq,
         root,
@@ -791,17 +787,26 @@ async fn run_background(sh: Arc<Shared>) -> Result<(), RecoveryError> {
                 } else {
                     batch
                 };
-                let pages: Vec<u64> = {
+                let (pages, leaves) = {
                     let mut st = sh.lock();
                     let mut pages = Vec::with_capacity(batch);
+                    let mut leaves = Vec::with_capacity(batch);
                     while pages.len() < batch {
                         let Some(p) = queue.pop_front() else { break };
-                        if st.state(p) == MISSING && !st.in_flight(p) && !st.bg_flight(p) {
-                            st.set_bg_flight(p, true);
-                            pages.push(p);
+                        if st.state(p) != MISSING || st.in_flight(p) || st.bg_flight(p) {
+                            continue;
                         }
+                        // A page is marked MISSING together with its leaf.
+                        let Some(leaf) = st.leaf.get(&p).copied() else {
+                            return Err(RecoveryError::Background(format!(
+                                "page {p} is missing without its verified leaf"
+                            )));
+                        };
+                        st.set_bg_flight(p, true);
+                        pages.push(p);
+                        leaves.push(leaf);
                     }
-                    pages
+                    (pages, leaves)
                 };
                 if !pages.is_empty() {
                     // The guard travels with the task: if the task is
@@ -811,7 +816,9 @@ async fn run_background(sh: Arc<Shared>) -> Result<(), RecoveryError> {
                         pages,
                         background: true,
                     };
-                    tasks.spawn(async move { fetch_batch(guard).await.map(|()| Work::Fetched) });
+                    tasks.spawn(
+                        async move { fetch_batch(guard, leaves).await.map(|()| Work::Fetched) },
+                    );
                 }
             } else if let Some((a, b)) = todo.pop_front() {
                 comparing += 1;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{setup, truth, Liar, Lie};
+use common::{setup, truth, HonestAfterLiar, Liar, Lie};
 use std::sync::Arc;
 use zz_statefetch::proto::FetchError;
 use zz_statefetch::recovery::Progress;
@@ -69,18 +69,20 @@ fn liar_faults(events: &[RecoveryEvent], lie: Lie) -> Vec<&FetchError> {
 async fn each_lie_is_rejected_then_the_honest_source_serves_the_page() {
     for lie in LIES {
         let s = setup(96, 3, 5);
-        let liar: Arc<dyn PageSource> = Arc::new(Liar::new(s.honest.clone(), lie));
-        let honest: Arc<dyn PageSource> = Arc::new(LocalSource::new(s.honest.clone(), "honest"));
+        let liar = Arc::new(Liar::new(s.honest.clone(), lie));
+        let honest: Arc<dyn PageSource> =
+            Arc::new(HonestAfterLiar::new(s.honest.clone(), liar.clone()));
+        let liar: Arc<dyn PageSource> = liar;
         let view = RecoveryView::open(s.local.clone(), s.cert, vec![liar, honest], config())
             .await
             .unwrap();
         assert_eq!(view.num_pages(), s.n);
         for &i in &s.changed {
-            assert_eq!(
-                view.read(i).await.unwrap(),
-                truth(&s, i),
-                "{lie:?} page {i}"
-            );
+            let got = match view.read(i).await {
+                Ok(d) => d,
+                Err(e) => panic!("{lie:?} page {i}: {e}; events {:?}", view.take_events()),
+            };
+            assert_eq!(got, truth(&s, i), "{lie:?} page {i}");
         }
         let progress = view.wait_complete().await.unwrap();
         assert!(progress.finished && progress.compared);
@@ -142,7 +144,7 @@ async fn every_second_page_liar_is_caught_and_pages_come_from_honest_peer() {
     let liar = Arc::new(Liar::new(s.honest.clone(), Lie::EverySecondPage));
     let sources: Vec<Arc<dyn PageSource>> = vec![
         liar.clone(),
-        Arc::new(LocalSource::new(s.honest.clone(), "honest")),
+        Arc::new(HonestAfterLiar::new(s.honest.clone(), liar.clone())),
     ];
     let view = RecoveryView::open(s.local.clone(), s.cert, sources, config())
         .await

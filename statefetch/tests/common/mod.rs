@@ -190,3 +190,46 @@ impl PageSource for Liar {
         })
     }
 }
+
+/// An honest source that turns away its first few page requests (with a
+/// transient error, not a fault) until the liar has served pages: the
+/// recovery view rotates requests over its sources, and without this a run
+/// could fetch every page from the honest source and never meet the lie.
+pub struct HonestAfterLiar {
+    pub inner: zz_statefetch::LocalSource,
+    pub liar: std::sync::Arc<Liar>,
+    pub refusals_left: AtomicU64,
+}
+
+impl HonestAfterLiar {
+    pub fn new(store: PageStore, liar: std::sync::Arc<Liar>) -> HonestAfterLiar {
+        HonestAfterLiar {
+            inner: zz_statefetch::LocalSource::new(store, "honest"),
+            liar,
+            // Bounded: a liar excluded before any page request (its lie is in
+            // the Merkle nodes) must not keep the honest source away.
+            refusals_left: AtomicU64::new(3),
+        }
+    }
+}
+
+impl PageSource for HonestAfterLiar {
+    fn name(&self) -> String {
+        "honest".into()
+    }
+
+    fn call(&self, request: Request) -> SourceFuture<'_> {
+        Box::pin(async move {
+            let turn_away = matches!(request, Request::Pages { .. })
+                && self.liar.pages_served.load(Ordering::SeqCst) == 0
+                && self
+                    .refusals_left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+            if turn_away {
+                return Err(FetchError::Timeout);
+            }
+            self.inner.call(request).await
+        })
+    }
+}
