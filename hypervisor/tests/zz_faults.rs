@@ -674,7 +674,6 @@ fn linearizability_checker_rejects_a_lost_write() {
 }
 
 #[test]
-#[ignore = "not yet reliable: in about 1 run of 3 the woken replica's recovery does not complete within 60 s (under investigation, issue 4); run with --run-ignored"]
 fn f2_byzantine_page_server_is_excluded() {
     // Two Byzantine executors (f = 2): replica 0 answers wrongly, replica 1
     // serves corrupted pages. Woken replica 3 must exclude 1 and fetch from
