@@ -6,6 +6,8 @@
 //!   pages only, and range/page proofs against its root (sans-IO).
 //! - [`store`]: [`PageStore`], pages in sled with copy-on-write checkpoints;
 //!   a checkpoint's pages stay readable (and provable) until it is released.
+//! - [`read_log`]: which pages the state read since each retained checkpoint,
+//!   the hint a recovering peer prefetches by.
 //! - [`proto`]: the fetch protocol's request/response types and the
 //!   server-side handler (sans-IO), plus the checks a client applies to a reply.
 //! - [`source`]: the [`PageSource`] trait a recovering replica fetches from, and
@@ -20,6 +22,7 @@ pub mod bench;
 pub mod merkle;
 pub mod net;
 pub mod proto;
+pub mod read_log;
 pub mod recovery;
 pub mod source;
 pub mod store;

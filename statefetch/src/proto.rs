@@ -45,6 +45,20 @@ pub enum Request {
         start: u64,
         count: u32,
     },
+    /// Which pages has your state read since checkpoint `(seq, root)`, in
+    /// order of first read (at most `max`)? An unverifiable hint: a
+    /// recovering replica prefetches those pages, since its replay of the
+    /// orders after the checkpoint reads the same ones (see
+    /// [`crate::read_log`]).
+    ReadHint { seq: Seq, root: Digest, max: u32 },
+}
+
+/// Reply to [`Request::ReadHint`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ReadHint {
+    pub seq: Seq,
+    pub root: Digest,
+    pub pages: Vec<u64>,
 }
 
 /// One page in a reply.
@@ -99,6 +113,7 @@ pub enum Response {
     Info(Vec<CheckpointInfo>),
     Pages(PagesReply),
     Nodes(NodeRange),
+    ReadHint(ReadHint),
     Refused { kind: RefusalKind, detail: String },
 }
 
@@ -107,14 +122,17 @@ pub enum Response {
 pub struct Limits {
     pub max_pages: usize,
     pub max_nodes: u32,
+    pub max_hint_pages: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        // 1024 pages with proofs is about 5 MiB; 64 Ki nodes is 2 MiB.
+        // 1024 pages with proofs is about 5 MiB; 64 Ki nodes is 2 MiB; a
+        // hint of 16 Ki pages is 128 KiB.
         Limits {
             max_pages: 1024,
             max_nodes: 1 << 16,
+            max_hint_pages: 1 << 14,
         }
     }
 }
@@ -207,6 +225,19 @@ pub fn handle(store: &PageStore, limits: &Limits, request: Request) -> Response 
                     siblings,
                 }),
                 Err(e) => from_store_error(e),
+            }
+        }
+        Request::ReadHint { seq, root, max } => {
+            if let Err(r) = check(seq, root) {
+                return r;
+            }
+            let max = max.min(limits.max_hint_pages) as usize;
+            match store.reads_since(seq, max) {
+                Some(pages) => Response::ReadHint(ReadHint { seq, root, pages }),
+                None => refused(
+                    RefusalKind::UnknownCheckpoint,
+                    format!("no record of the pages read since checkpoint {seq}"),
+                ),
             }
         }
     }
@@ -307,6 +338,36 @@ fn unwrap_refusal(resp: Response) -> FetchError {
         Response::Refused { kind, detail } => FetchError::Refused { kind, detail },
         _ => FetchError::UnexpectedResponse,
     }
+}
+
+/// Checks a reply to `ReadHint { seq, root, max }`: right checkpoint, at
+/// most `max` pages. The pages themselves cannot be checked (they are a
+/// hint, and every page fetched by it is verified as any other).
+pub fn check_read_hint(
+    seq: Seq,
+    root: Digest,
+    max: u32,
+    resp: Response,
+) -> Result<Vec<u64>, FetchError> {
+    let hint = match resp {
+        Response::ReadHint(h) => h,
+        other => return Err(unwrap_refusal(other)),
+    };
+    if hint.seq != seq || hint.root != root {
+        return Err(FetchError::StaleCheckpoint {
+            seq,
+            root,
+            got_seq: hint.seq,
+            got_root: hint.root,
+        });
+    }
+    if hint.pages.len() > max as usize {
+        return Err(FetchError::WrongCount {
+            expected: max as usize,
+            got: hint.pages.len(),
+        });
+    }
+    Ok(hint.pages)
 }
 
 /// Checks a reply to `Pages { seq, root, indices, .. }`: right checkpoint,

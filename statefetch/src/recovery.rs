@@ -77,6 +77,16 @@ pub struct RecoveryConfig {
     /// most one request in flight, so the executor's next demand read does
     /// not queue behind background batches at the sources.
     pub demand_quiet: Duration,
+    /// Pages of a peer's read hint (the pages its state read since the
+    /// checkpoint, which the replay will read too) to prefetch, in that
+    /// order, before reads ask for them; 0: no prefetch.
+    pub prefetch_pages: u32,
+    /// Prefetch requests outstanding at once.
+    pub prefetch_in_flight: usize,
+    /// Pages in the largest prefetch request; the first has
+    /// [`PREFETCH_FIRST_BATCH`] (the replay's first read waits for it), each
+    /// next one twice as many up to this.
+    pub prefetch_batch: usize,
 }
 
 impl Default for RecoveryConfig {
@@ -90,12 +100,24 @@ impl Default for RecoveryConfig {
             demand_quiet: Duration::from_millis(50),
             readahead_pages: 15,
             hedge_after: Duration::from_millis(20),
+            prefetch_pages: 8192,
+            prefetch_in_flight: 2,
+            prefetch_batch: 256,
         }
     }
 }
 
+/// Pages in the first prefetch request.
+pub const PREFETCH_FIRST_BATCH: usize = 16;
+/// How long one source may take to give its read hint before the next is
+/// asked (a hint arriving later than this is worth little: the replay has
+/// fetched its first pages itself by then).
+const HINT_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// Pages per background request while reads fetch on demand.
 const DEMAND_TIME_BATCH: usize = 32;
+/// Most pages asked in one request (the servers' default limit).
+const MAX_BATCH: usize = 1024;
 /// Largest node range asked in one request (2 MiB of hashes).
 const MAX_NODES: u64 = 1 << 16;
 /// Events kept until [`RecoveryView::take_events`]; later faults are only counted.
@@ -501,14 +523,15 @@ impl Drop for Demand {
 /// page became present meanwhile (read it again).
 type Delivery = Result<Option<Vec<u8>>, RecoveryError>;
 
-/// Fetches `indices` (the reader's page first, then readahead) with their
-/// proofs and verifies each against the root; hands the reader's page to it
-/// through `deliver`, then writes the pages to the store.
+/// Fetches `indices` (the reader's page first, then readahead; or a
+/// prefetch, with no reader) with their proofs and verifies each against
+/// the root; hands the reader's page to it through `deliver`, then writes
+/// the pages to the store.
 async fn fetch_one(
     mut guard: InFlight,
     demand: Demand,
     indices: Vec<u64>,
-    deliver: oneshot::Sender<Delivery>,
+    deliver: Option<oneshot::Sender<Delivery>>,
 ) {
     let sh = guard.sh.clone();
     let (seq, root, n) = (sh.cert.seq, sh.cert.root, sh.num_pages);
@@ -534,7 +557,12 @@ async fn fetch_one(
         Err(e) => {
             drop(guard);
             drop(demand);
-            let _ = deliver.send(Err(e));
+            match deliver {
+                Some(deliver) => {
+                    let _ = deliver.send(Err(e));
+                }
+                None => tracing::debug!("statefetch prefetch failed: {e}"),
+            }
             return;
         }
     };
@@ -557,7 +585,9 @@ async fn fetch_one(
     };
     let reader_staged = staged.first().is_some_and(|(i, _)| *i == indices[0]);
     drop(demand);
-    let _ = deliver.send(Ok(reader_staged.then(|| mine.as_ref().clone())));
+    if let Some(deliver) = deliver {
+        let _ = deliver.send(Ok(reader_staged.then(|| mine.as_ref().clone())));
+    }
     if !staged.is_empty() {
         // Persist after the reader has its page. Only pages still staged:
         // an executor write since then must not be overwritten.
@@ -653,6 +683,90 @@ async fn fetch_batch(mut guard: InFlight, leaves: Vec<Digest>) -> Result<(), Rec
     };
     sh.notify();
     result
+}
+
+/// Asks the sources, one after another, which pages their state read since
+/// the checkpoint (see [`crate::read_log`]); `None` if none can say. A
+/// refusal is no fault (a peer restarted since, or its log is bounded).
+async fn read_hint(sh: &Shared) -> Option<Vec<u64>> {
+    let (seq, root, max) = (sh.cert.seq, sh.cert.root, sh.config.prefetch_pages);
+    let k = sh.sources.len();
+    let first = sh.next_source.fetch_add(1, Ordering::Relaxed);
+    for j in 0..k {
+        let i = (first + j) % k;
+        if sh.lock().excluded[i] {
+            continue;
+        }
+        let request = Request::ReadHint { seq, root, max };
+        let reply = tokio::time::timeout(HINT_TIMEOUT, sh.sources[i].call(request))
+            .await
+            .unwrap_or(Err(FetchError::Timeout));
+        match reply.and_then(|resp| proto::check_read_hint(seq, root, max, resp)) {
+            Ok(pages) => return Some(pages),
+            Err(e) if e.is_fault() => sh.report(i, e),
+            Err(e) => tracing::debug!(source = %sh.sources[i].name(), "no read hint: {e}"),
+        }
+    }
+    None
+}
+
+/// Prefetches, in order, the pages a peer's read hint names that are not
+/// present yet: the replay of the orders after the checkpoint reads them,
+/// so it finds them fetched (or on their way) instead of fetching each on
+/// its read. The first request is small so the first read waits little;
+/// the background steps aside meanwhile (each request counts as demand).
+async fn prefetch_hinted(sh: Arc<Shared>) {
+    if sh.config.prefetch_pages == 0 || sh.num_pages == 0 {
+        return;
+    }
+    let Some(hint) = read_hint(&sh).await else {
+        return;
+    };
+    // Pages past C's count were added after it: nothing to fetch.
+    let hint: Vec<u64> = hint.into_iter().filter(|p| *p < sh.num_pages).collect();
+    let in_flight = sh.config.prefetch_in_flight.max(1);
+    let largest = sh.config.prefetch_batch.clamp(1, MAX_BATCH);
+    let mut batch = PREFETCH_FIRST_BATCH.min(largest);
+    let mut next = 0;
+    let mut tasks = JoinSet::new();
+    let mut requested = 0usize;
+    while next < hint.len() || !tasks.is_empty() {
+        while tasks.len() < in_flight && next < hint.len() {
+            let pages: Vec<u64> = {
+                let mut st = sh.lock();
+                let mut pages = Vec::with_capacity(batch);
+                while pages.len() < batch && next < hint.len() {
+                    let p = hint[next];
+                    next += 1;
+                    if st.state(p) != PRESENT && !st.in_flight(p) && !st.bg_flight(p) {
+                        st.set_in_flight(p, true);
+                        pages.push(p);
+                    }
+                }
+                pages
+            };
+            if pages.is_empty() {
+                continue;
+            }
+            requested += pages.len();
+            let guard = InFlight {
+                sh: sh.clone(),
+                pages: pages.clone(),
+                background: false,
+            };
+            let demand = Demand::new(sh.clone());
+            tasks.spawn(fetch_one(guard, demand, pages, None));
+            batch = (batch * 2).min(largest);
+        }
+        if tasks.join_next().await.is_none() {
+            break;
+        }
+    }
+    tracing::debug!(
+        hinted = hint.len(),
+        requested,
+        "statefetch: prefetched the pages read since the checkpoint"
+    );
 }
 
 /// Compares pages `[a, b)` with the verified leaves of C; returns the pages
@@ -884,6 +998,7 @@ pub struct RecoveryView {
     shared: Arc<Shared>,
     runtime: tokio::runtime::Handle,
     task: tokio::task::JoinHandle<()>,
+    prefetch: tokio::task::JoinHandle<()>,
 }
 
 enum Claim {
@@ -970,6 +1085,7 @@ impl RecoveryView {
             .status = vec![UNKNOWN; n as usize];
         let shared = Arc::new(shared);
         let sh = shared.clone();
+        let prefetch = tokio::spawn(prefetch_hinted(shared.clone()));
         let task = tokio::spawn(async move {
             let result = run_background(sh.clone()).await;
             {
@@ -994,6 +1110,7 @@ impl RecoveryView {
             shared,
             runtime: tokio::runtime::Handle::current(),
             task,
+            prefetch,
         })
     }
 
@@ -1049,7 +1166,8 @@ impl RecoveryView {
         let (tx, rx) = oneshot::channel();
         // A separate task, so that a caller giving up on the read cannot
         // leave the page marked in flight.
-        self.runtime.spawn(fetch_one(guard, demand, pages, tx));
+        self.runtime
+            .spawn(fetch_one(guard, demand, pages, Some(tx)));
         rx
     }
 
@@ -1210,6 +1328,7 @@ impl RecoveryView {
 impl Drop for RecoveryView {
     fn drop(&mut self) {
         self.task.abort();
+        self.prefetch.abort();
         // Pages handed to readers but not yet stored are verified: keep them.
         if let Err(e) = self.shared.persist_staged() {
             tracing::error!("statefetch: storing fetched pages: {e}");

@@ -46,6 +46,7 @@
 
 use crate::merkle::{self, MerkleTree};
 use crate::proto::{CheckpointInfo, PageData};
+use crate::read_log::ReadLog;
 use crate::PAGE_SIZE;
 use sled::IVec;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -305,6 +306,8 @@ struct Inner {
     config: StoreConfig,
     /// When each checkpoint last served a peer (see [`PageStore::touch`]).
     leases: std::sync::Mutex<HashMap<Seq, std::time::Instant>>,
+    /// Pages read since each recent checkpoint (see [`PageStore::reads_since`]).
+    reads: std::sync::Mutex<ReadLog>,
 }
 
 /// Application pages with copy-on-write checkpoints. Cheap to clone (shared).
@@ -372,6 +375,7 @@ impl PageStore {
         };
         let kv = db.open_tree("statefetch")?;
         let state = load(&kv)?;
+        let reads = ReadLog::new(state.latest);
         Ok(PageStore {
             inner: Arc::new(Inner {
                 db,
@@ -382,6 +386,7 @@ impl PageStore {
                     ..config
                 },
                 leases: std::sync::Mutex::new(HashMap::new()),
+                reads: std::sync::Mutex::new(reads),
             }),
         })
     }
@@ -444,7 +449,21 @@ impl PageStore {
                 num_pages: st.num_pages,
             });
         }
+        self.reads().record(index);
         page_from(self.inner.kv.get(key1(TAG_PAGE, index))?)
+    }
+
+    fn reads(&self) -> std::sync::MutexGuard<'_, ReadLog> {
+        // The log is a hint: a panic elsewhere leaves it usable.
+        self.inner.reads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The pages of the current state read since checkpoint `seq`, in order
+    /// of first read, at most `max`; `None` if not known that far back
+    /// (this process did not take checkpoint `seq`, or the bounded log has
+    /// dropped it). A hint for a recovering peer's prefetch, see [`ReadLog`].
+    pub fn reads_since(&self, seq: Seq, max: usize) -> Option<Vec<u64>> {
+        self.reads().since(seq, max)
     }
 
     /// Writes one page; an index past the end grows the state.
@@ -619,6 +638,7 @@ impl PageStore {
             st.ckpts.insert(seq, Ckpt::new(info));
             st.latest = Some(seq);
             st.pending.clear();
+            self.reads().checkpoint(seq);
             for s in released {
                 if let Some(c) = st.ckpts.remove(&s) {
                     st.garbage
