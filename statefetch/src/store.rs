@@ -805,8 +805,18 @@ impl PageStore {
     /// latest stable checkpoint, the one a recovering peer is told to fetch,
     /// however many newer ones it takes while no newer one becomes stable.
     /// Not persistent: pin again after opening.
+    ///
+    /// The checkpoint pinned before stays for [`StoreConfig::serve_lease`]
+    /// as if it had just served a peer: a replica woken a moment before a
+    /// newer checkpoint became stable was told to fetch the older one, and
+    /// its first request may arrive after the pin moved on.
     pub fn pin(&self, seq: Option<Seq>) -> Result<(), StoreError> {
-        self.write_state()?.pinned = seq;
+        let before = std::mem::replace(&mut self.write_state()?.pinned, seq);
+        if let (Some(old), Some(new)) = (before, seq) {
+            if old != new {
+                self.touch(old);
+            }
+        }
         Ok(())
     }
 
@@ -1344,6 +1354,38 @@ mod tests {
         s.release_before(4).unwrap();
         assert!(s.read_page_at(1, 0).is_err());
         assert_eq!(s.read_page_at(4, 0).unwrap(), page(4));
+    }
+
+    #[test]
+    fn a_superseded_pinned_checkpoint_is_kept_for_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let lease = std::time::Duration::from_millis(300);
+        let s = PageStore::open(
+            dir.path(),
+            StoreConfig {
+                max_checkpoints: 2,
+                serve_lease: lease,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        s.write_page(0, &page(1)).unwrap();
+        s.checkpoint(1).unwrap();
+        // 1 is stable (a replica woken now is told to fetch it) ...
+        s.pin(Some(1)).unwrap();
+        s.release_before(1).unwrap();
+        for v in 2..=3 {
+            s.write_page(0, &page(v)).unwrap();
+            s.checkpoint(v).unwrap();
+        }
+        // ... and 3 becomes stable a moment later: 1 stays for the lease.
+        s.pin(Some(3)).unwrap();
+        s.release_before(3).unwrap();
+        assert_eq!(s.read_page_at(1, 0).unwrap(), page(1));
+        assert!(s.read_page_at(2, 0).is_err(), "never pinned: released");
+        std::thread::sleep(lease + std::time::Duration::from_millis(50));
+        s.release_before(3).unwrap();
+        assert!(s.read_page_at(1, 0).is_err());
     }
 
     #[test]
