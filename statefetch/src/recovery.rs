@@ -87,6 +87,10 @@ pub struct RecoveryConfig {
     /// [`PREFETCH_FIRST_BATCH`] (the replay's first read waits for it), each
     /// next one twice as many up to this.
     pub prefetch_batch: usize,
+    /// [`Self::hedge_after`] for background requests (larger batches, and
+    /// nobody waits on them; but a source lost mid-request, e.g. reimaged,
+    /// must not hold the fetch for a whole timeout).
+    pub background_hedge_after: Duration,
 }
 
 impl Default for RecoveryConfig {
@@ -103,6 +107,7 @@ impl Default for RecoveryConfig {
             prefetch_pages: 8192,
             prefetch_in_flight: 2,
             prefetch_batch: 256,
+            background_hedge_after: Duration::from_millis(250),
         }
     }
 }
@@ -369,6 +374,7 @@ impl Shared {
     /// source fails, falls back to `ask` (retry passes with backoff).
     async fn ask_hedged<T>(
         &self,
+        hedge_after: Duration,
         request: Request,
         check: impl Fn(proto::Response) -> Result<T, FetchError>,
     ) -> Result<T, RecoveryError> {
@@ -394,7 +400,7 @@ impl Shared {
         launch(&mut calls, order[0]);
         let mut next = 1;
         loop {
-            let hedge = tokio::time::sleep(self.config.hedge_after);
+            let hedge = tokio::time::sleep(hedge_after);
             tokio::select! {
                 joined = calls.join_next() => {
                     let Some(joined) = joined else { break };
@@ -542,7 +548,7 @@ async fn fetch_one(
         proofs: true,
     };
     let fetched = sh
-        .ask_hedged(request, |resp| {
+        .ask_hedged(sh.config.hedge_after, request, |resp| {
             let reply = proto::check_pages(seq, root, Some(n), &indices, resp)?;
             proto::verify_with_proofs(&root, &reply)?;
             Ok(reply)
@@ -628,7 +634,7 @@ async fn fetch_batch(mut guard: InFlight, leaves: Vec<Digest>) -> Result<(), Rec
         proofs: false,
     };
     let fetched = sh
-        .ask(request, |resp| {
+        .ask_hedged(sh.config.background_hedge_after, request, |resp| {
             let reply = proto::check_pages(seq, root, Some(n), &pages, resp)?;
             proto::verify_with_leaves(&reply, &leaves)?;
             Ok(reply)
@@ -785,7 +791,7 @@ async fn compare_chunk(sh: Arc<Shared>, a: u64, b: u64) -> Result<Vec<u64>, Reco
             count,
         };
         let range = sh
-            .ask(request, |resp| {
+            .ask_hedged(sh.config.background_hedge_after, request, |resp| {
                 proto::check_nodes(seq, root, Some(n), (0, start, count), resp)
             })
             .await?;
@@ -858,7 +864,7 @@ async fn run_background(sh: Arc<Shared>) -> Result<(), RecoveryError> {
             count,
         };
         let range = sh
-            .ask(request, |resp| {
+            .ask_hedged(sh.config.background_hedge_after, request, |resp| {
                 proto::check_nodes(seq, root, Some(n), (level as u8, start, count), resp)
             })
             .await?;
