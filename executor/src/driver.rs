@@ -23,6 +23,10 @@
 //!   verified against the certificate) and in the background. Once every
 //!   page is present the plain store replaces the recovering view. A failed
 //!   attempt (no peer answered) is retried every [`ExecutorConfig::retry`].
+//!   A recovery whose background fetch gives up (no peer has served the
+//!   checkpoint for 30 s, or every peer proved faulty) ends the replica with
+//!   [`DriverError::RecoveryFailed`]: it cannot execute on, and the
+//!   agreement replicas time it out and reimage it like a crashed one.
 //! - The **reader task** decodes frames. Envelopes go to the core through a
 //!   bounded queue (when it is full, frames are dropped and counted: the
 //!   agreement replicas retransmit). Fetch requests from peers are answered
@@ -127,6 +131,12 @@ pub enum DriverError {
     Core(#[from] CoreError),
     #[error("the core thread stopped unexpectedly: {0}")]
     Internal(String),
+    /// The state of stable checkpoint `app_seq` could not be fetched: no
+    /// peer still serves it. The replica stops; the agreement replicas then
+    /// time it out and reimage it like a crashed one, and a later wake
+    /// starts over from a newer stable checkpoint.
+    #[error("recovery from stable checkpoint {app_seq} failed: {reason}")]
+    RecoveryFailed { app_seq: u64, reason: String },
 }
 
 /// How the executor ended without an error.
@@ -624,8 +634,21 @@ fn core_loop(
                     RecoveryEvent::Compared { missing } => {
                         tracing::info!(missing, "recovery: pages compared")
                     }
-                    RecoveryEvent::Finished { fetched, error } => {
-                        tracing::info!(fetched, ?error, "recovery: background fetch finished")
+                    RecoveryEvent::Finished {
+                        fetched,
+                        error: Some(reason),
+                    } => {
+                        tracing::error!(fetched, %reason, "recovery: the state cannot be fetched");
+                        return Err(DriverError::RecoveryFailed {
+                            app_seq: r.cert.app_seq,
+                            reason,
+                        });
+                    }
+                    RecoveryEvent::Finished {
+                        fetched,
+                        error: None,
+                    } => {
+                        tracing::info!(fetched, "recovery: background fetch finished")
                     }
                 }
             }

@@ -91,6 +91,10 @@ pub struct RecoveryConfig {
     /// nobody waits on them; but a source lost mid-request, e.g. reimaged,
     /// must not hold the fetch for a whole timeout).
     pub background_hedge_after: Duration,
+    /// How long the background keeps asking while no source answers at all
+    /// before the recovery fails (a proven-faulty source is excluded at
+    /// once; this is for peers that are busy, restarting or unreachable).
+    pub give_up_after: Duration,
 }
 
 impl Default for RecoveryConfig {
@@ -108,6 +112,7 @@ impl Default for RecoveryConfig {
             prefetch_in_flight: 2,
             prefetch_batch: 256,
             background_hedge_after: Duration::from_millis(250),
+            give_up_after: Duration::from_secs(30),
         }
     }
 }
@@ -425,6 +430,31 @@ impl Shared {
         self.ask(request, check).await
     }
 
+    /// [`ask_hedged`](Self::ask_hedged) for the background: while no
+    /// source answers (all busy, restarting or unreachable, none proven
+    /// faulty), keeps asking for [`RecoveryConfig::give_up_after`] before
+    /// failing the recovery.
+    async fn ask_patiently<T>(
+        &self,
+        request: Request,
+        check: impl Fn(proto::Response) -> Result<T, FetchError>,
+    ) -> Result<T, RecoveryError> {
+        let started = Instant::now();
+        loop {
+            match self
+                .ask_hedged(self.config.background_hedge_after, request.clone(), &check)
+                .await
+            {
+                Err(RecoveryError::Unavailable { .. })
+                    if started.elapsed() < self.config.give_up_after =>
+                {
+                    tokio::time::sleep(self.config.retry_backoff).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// How many background requests may be in flight now: one while the
     /// executor has recently had to fetch (it is likely replaying orders and
     /// will read again soon), else the configured bound.
@@ -634,7 +664,7 @@ async fn fetch_batch(mut guard: InFlight, leaves: Vec<Digest>) -> Result<(), Rec
         proofs: false,
     };
     let fetched = sh
-        .ask_hedged(sh.config.background_hedge_after, request, |resp| {
+        .ask_patiently(request, |resp| {
             let reply = proto::check_pages(seq, root, Some(n), &pages, resp)?;
             proto::verify_with_leaves(&reply, &leaves)?;
             Ok(reply)
@@ -791,7 +821,7 @@ async fn compare_chunk(sh: Arc<Shared>, a: u64, b: u64) -> Result<Vec<u64>, Reco
             count,
         };
         let range = sh
-            .ask_hedged(sh.config.background_hedge_after, request, |resp| {
+            .ask_patiently(request, |resp| {
                 proto::check_nodes(seq, root, Some(n), (0, start, count), resp)
             })
             .await?;
@@ -864,7 +894,7 @@ async fn run_background(sh: Arc<Shared>) -> Result<(), RecoveryError> {
             count,
         };
         let range = sh
-            .ask_hedged(sh.config.background_hedge_after, request, |resp| {
+            .ask_patiently(request, |resp| {
                 proto::check_nodes(seq, root, Some(n), (level as u8, start, count), resp)
             })
             .await?;

@@ -268,3 +268,97 @@ async fn a_silent_source_delays_reads_only_by_the_hedge() {
         "reads took {waited:?} of virtual time, more than one hedge delay each ({bound:?})"
     );
 }
+
+/// Serves the opening request, then answers nothing (a transient failure,
+/// not a fault) for `outage`, then serves again.
+struct Outage {
+    inner: LocalSource,
+    outage: std::time::Duration,
+    calls: std::sync::atomic::AtomicU64,
+    down_since: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Outage {
+    fn new(inner: LocalSource, outage: std::time::Duration) -> Outage {
+        Outage {
+            inner,
+            outage,
+            calls: Default::default(),
+            down_since: Default::default(),
+        }
+    }
+}
+
+impl PageSource for Outage {
+    fn name(&self) -> String {
+        "outage".into()
+    }
+
+    fn call(&self, request: zz_statefetch::Request) -> zz_statefetch::source::SourceFuture<'_> {
+        Box::pin(async move {
+            if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+                let now = std::time::Instant::now();
+                let since = *self.down_since.lock().unwrap().get_or_insert(now);
+                if now < since + self.outage {
+                    return Err(FetchError::Timeout);
+                }
+            }
+            self.inner.call(request).await
+        })
+    }
+}
+
+/// The background keeps asking while its only source is unreachable and
+/// completes once it is back; it fails only after `give_up_after`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_outlasts_a_source_outage_and_gives_up_only_later() {
+    use std::time::{Duration, Instant};
+    let patient = RecoveryConfig {
+        give_up_after: Duration::from_secs(5),
+        retry_backoff: Duration::from_millis(20),
+        ..config()
+    };
+    let s = setup(96, 3, 5);
+    let source = Arc::new(Outage::new(
+        LocalSource::new(s.honest.clone(), "honest"),
+        Duration::from_millis(600),
+    ));
+    let t0 = Instant::now();
+    let view = RecoveryView::open(
+        s.local.clone(),
+        s.cert,
+        vec![source as Arc<dyn PageSource>],
+        patient.clone(),
+    )
+    .await
+    .unwrap();
+    let progress = view.wait_complete().await.unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(600));
+    assert_eq!(progress.present, s.n);
+    assert_eq!(view.finish().await.unwrap(), s.cert.root);
+
+    // Down for good: the recovery fails, and not before `give_up_after`.
+    let s = setup(96, 3, 5);
+    let source = Arc::new(Outage::new(
+        LocalSource::new(s.honest.clone(), "honest"),
+        Duration::from_secs(3600),
+    ));
+    let view = RecoveryView::open(
+        s.local.clone(),
+        s.cert,
+        vec![source as Arc<dyn PageSource>],
+        RecoveryConfig {
+            give_up_after: Duration::from_millis(400),
+            ..patient
+        },
+    )
+    .await
+    .unwrap();
+    let t0 = Instant::now();
+    let e = view.wait_complete().await.unwrap_err();
+    assert!(
+        t0.elapsed() >= Duration::from_millis(400),
+        "gave up early: {e}"
+    );
+    assert!(e.to_string().contains("no source answered"), "{e}");
+}
