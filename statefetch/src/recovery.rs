@@ -216,6 +216,8 @@ struct ViewState {
     compared: bool,
     outcome: Option<Result<(), String>>,
     written: bool,
+    /// Pages being written to the store outside the lock (`STORING`).
+    storing_pages: usize,
     demand_reads: u64,
     demand_wait_us: u64,
 }
@@ -255,7 +257,13 @@ impl ViewState {
 
     fn set_storing(&mut self, i: u64, on: bool) {
         let s = &mut self.status[i as usize];
+        let was = *s & STORING != 0;
         *s = if on { *s | STORING } else { *s & !STORING };
+        match (was, on) {
+            (false, true) => self.storing_pages += 1,
+            (true, false) => self.storing_pages -= 1,
+            _ => {}
+        }
     }
 
     fn set_state(&mut self, i: u64, new: u8) {
@@ -497,6 +505,12 @@ impl Shared {
     /// staged them, right after handing the page to its reader).
     fn persist_staged(&self) -> Result<(), RecoveryError> {
         let mut st = self.lock();
+        // A fetch still writing staged pages outside the lock must finish
+        // first: once this returns the caller may write the store directly,
+        // and that late write would overwrite newer contents.
+        while st.storing_pages > 0 {
+            st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
         let staged: Vec<(u64, Arc<Vec<u8>>)> = st.staged.drain().collect();
         let r = self
             .store
@@ -626,24 +640,36 @@ async fn fetch_one(
     }
     if !staged.is_empty() {
         // Persist after the reader has its page. Only pages still staged:
-        // an executor write since then must not be overwritten.
-        let mut st = sh.lock();
-        let still: Vec<&(u64, Arc<Vec<u8>>)> = staged
-            .iter()
-            .filter(|(i, d)| st.staged.get(i).is_some_and(|s| Arc::ptr_eq(s, d)))
-            .collect();
-        match sh
+        // an executor write since then must not be overwritten. The store
+        // write happens outside the view lock (readers keep reading, from
+        // the staged copies); an executor write to one of these pages
+        // waits for it (STORING), as for background batches.
+        let still: Vec<&(u64, Arc<Vec<u8>>)> = {
+            let mut st = sh.lock();
+            let still: Vec<&(u64, Arc<Vec<u8>>)> = staged
+                .iter()
+                .filter(|(i, d)| st.staged.get(i).is_some_and(|s| Arc::ptr_eq(s, d)))
+                .collect();
+            for (i, _) in &still {
+                st.set_storing(*i, true);
+            }
+            still
+        };
+        let stored = sh
             .store
-            .write_pages(still.iter().map(|(i, d)| (*i, d.as_slice())))
+            .write_pages(still.iter().map(|(i, d)| (*i, d.as_slice())));
         {
-            Ok(()) => {
-                for (i, _) in still {
+            let mut st = sh.lock();
+            for (i, d) in &still {
+                st.set_storing(*i, false);
+                if stored.is_ok() && st.staged.get(i).is_some_and(|s| Arc::ptr_eq(s, d)) {
                     st.staged.remove(i);
                 }
             }
-            Err(e) => tracing::error!("statefetch: storing fetched pages: {e}"),
         }
-        drop(st);
+        if let Err(e) = stored {
+            tracing::error!("statefetch: storing fetched pages: {e}");
+        }
         sh.notify();
     }
 }
@@ -1078,6 +1104,7 @@ impl RecoveryView {
                 compared: false,
                 outcome: None,
                 written: false,
+                storing_pages: 0,
                 demand_reads: 0,
                 demand_wait_us: 0,
             }),
