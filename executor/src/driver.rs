@@ -694,6 +694,9 @@ fn log_replay(r: &Recovering, before: u64, executed: u64) {
         orders = executed - before,
         demand_reads = p.demand_reads,
         demand_wait_ms = p.demand_wait_us / 1000,
+        reads = p.reads,
+        read_ms = p.read_us / 1000,
+        write_ms = p.write_us / 1000,
         fetched = p.fetched,
         ms = r.started.elapsed().as_millis() as u64,
         "recovering: executed orders"

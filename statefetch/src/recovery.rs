@@ -187,6 +187,12 @@ pub struct Progress {
     pub demand_reads: u64,
     /// Total time readers spent blocked on fetches, in microseconds.
     pub demand_wait_us: u64,
+    /// Blocking reads ([`RecoveryView::read_blocking`]) and the total time
+    /// spent in them, fetched or not, in microseconds.
+    pub reads: u64,
+    pub read_us: u64,
+    /// Total time spent in [`RecoveryView::write_pages`] (waits included).
+    pub write_us: u64,
 }
 
 const UNKNOWN: u8 = 0;
@@ -304,6 +310,10 @@ struct Shared {
     opened: Instant,
     /// When a read last had to fetch (microseconds since `opened`, 0: never).
     last_demand_us: AtomicU64,
+    /// See [`Progress::reads`], [`Progress::read_us`], [`Progress::write_us`].
+    reads: AtomicU64,
+    read_us: AtomicU64,
+    write_us: AtomicU64,
     st: Mutex<ViewState>,
     cond: Condvar,
     changed: watch::Sender<u64>,
@@ -498,6 +508,9 @@ impl Shared {
             finished: st.outcome.is_some(),
             demand_reads: st.demand_reads,
             demand_wait_us: st.demand_wait_us,
+            reads: self.reads.load(Ordering::Relaxed),
+            read_us: self.read_us.load(Ordering::Relaxed),
+            write_us: self.write_us.load(Ordering::Relaxed),
         }
     }
 
@@ -1091,6 +1104,9 @@ impl RecoveryView {
             demand: AtomicUsize::new(0),
             opened: Instant::now(),
             last_demand_us: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            read_us: AtomicU64::new(0),
+            write_us: AtomicU64::new(0),
             st: Mutex::new(ViewState {
                 status: Vec::new(),
                 leaf: HashMap::new(),
@@ -1268,6 +1284,16 @@ impl RecoveryView {
     /// [`read`](Self::read) for a thread outside the async runtime (for
     /// example a synchronous executor). Do not call it on a runtime thread.
     pub fn read_blocking(&self, index: u64) -> Result<Vec<u8>, RecoveryError> {
+        let t0 = Instant::now();
+        let r = self.read_blocking_inner(index);
+        let sh = &self.shared;
+        sh.reads.fetch_add(1, Ordering::Relaxed);
+        sh.read_us
+            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        r
+    }
+
+    fn read_blocking_inner(&self, index: u64) -> Result<Vec<u8>, RecoveryError> {
         self.check_index(index)?;
         let mut st = self.shared.lock();
         let mut blocked_since = None;
@@ -1308,6 +1334,15 @@ impl RecoveryView {
 
     /// Writes several pages as one store batch (see [`Self::write`]).
     pub fn write_pages(&self, pages: &[(u64, &[u8])]) -> Result<(), RecoveryError> {
+        let t0 = Instant::now();
+        let r = self.write_pages_inner(pages);
+        self.shared
+            .write_us
+            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        r
+    }
+
+    fn write_pages_inner(&self, pages: &[(u64, &[u8])]) -> Result<(), RecoveryError> {
         {
             let mut st = self.shared.lock();
             let n = self.shared.num_pages;
