@@ -580,7 +580,9 @@ fn core_loop(
             next = inputs.try_recv().ok();
         }
         let before = core.executed();
+        let executing = recovering.as_ref().map(|r| r.view.executing());
         let ready = core.ready()?;
+        drop(executing);
         if send_ready(&core, &ctx, &ready) {
             return Ok(Exit::Crashed);
         }
@@ -609,7 +611,9 @@ fn core_loop(
                         wanted = None;
                         // Orders buffered above the checkpoint execute now.
                         let before = core.executed();
+                        let executing = r.view.executing();
                         let ready = core.ready()?;
+                        drop(executing);
                         if send_ready(&core, &ctx, &ready) {
                             return Ok(Exit::Crashed);
                         }

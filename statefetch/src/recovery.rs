@@ -117,6 +117,10 @@ impl Default for RecoveryConfig {
     }
 }
 
+/// Pages the executor may have written through the view before they are
+/// written to the store (32 MiB), see [`RecoveryView::write_pages`].
+const WRITE_BEHIND_PAGES: usize = 8192;
+
 /// Pages in the first prefetch request.
 pub const PREFETCH_FIRST_BATCH: usize = 16;
 /// How long one source may take to give its read hint before the next is
@@ -201,7 +205,8 @@ const PRESENT: u8 = 2;
 const STATE_MASK: u8 = 3;
 const IN_FLIGHT: u8 = 4;
 /// A fetched page being written to the store outside the view lock; an
-/// executor write to it waits, so it cannot be overwritten by the fetch.
+/// executor write to it stays staged until then, so the fetched copy cannot
+/// land over it.
 const STORING: u8 = 8;
 /// In a background batch. A reader does not wait for it (the batch may sit
 /// behind a slow source): it fetches the page itself.
@@ -310,6 +315,9 @@ struct Shared {
     opened: Instant,
     /// When a read last had to fetch (microseconds since `opened`, 0: never).
     last_demand_us: AtomicU64,
+    /// Executor runs in progress (see [`RecoveryView::executing`]): the
+    /// background sends no new request meanwhile.
+    executing: AtomicUsize,
     /// See [`Progress::reads`], [`Progress::read_us`], [`Progress::write_us`].
     reads: AtomicU64,
     read_us: AtomicU64,
@@ -490,7 +498,8 @@ impl Shared {
     async fn yield_to_demand(&self) {
         loop {
             let mut changes = self.changed.subscribe();
-            if self.demand.load(Ordering::SeqCst) == 0 {
+            if self.demand.load(Ordering::SeqCst) == 0 && self.executing.load(Ordering::SeqCst) == 0
+            {
                 return;
             }
             let _ = changes.changed().await;
@@ -524,7 +533,23 @@ impl Shared {
         while st.storing_pages > 0 {
             st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        let staged: Vec<(u64, Arc<Vec<u8>>)> = st.staged.drain().collect();
+        self.persist_locked(&mut st)
+    }
+
+    /// Writes the staged pages to the store, the view lock held; pages a
+    /// fetch is storing (an older copy, written outside the lock) stay
+    /// staged, so that ours is written after it.
+    fn persist_locked(&self, st: &mut ViewState) -> Result<(), RecoveryError> {
+        let indices: Vec<u64> = st
+            .staged
+            .keys()
+            .copied()
+            .filter(|i| !st.storing(*i))
+            .collect();
+        let staged: Vec<(u64, Arc<Vec<u8>>)> = indices
+            .iter()
+            .filter_map(|i| st.staged.remove(i).map(|d| (*i, d)))
+            .collect();
         let r = self
             .store
             .write_pages(staged.iter().map(|(i, d)| (*i, d.as_slice())));
@@ -578,6 +603,16 @@ impl Demand {
 impl Drop for Demand {
     fn drop(&mut self) {
         self.0.demand.fetch_sub(1, Ordering::SeqCst);
+        self.0.notify();
+    }
+}
+
+/// See [`RecoveryView::executing`].
+pub struct Executing(Arc<Shared>);
+
+impl Drop for Executing {
+    fn drop(&mut self) {
+        self.0.executing.fetch_sub(1, Ordering::SeqCst);
         self.0.notify();
     }
 }
@@ -653,10 +688,11 @@ async fn fetch_one(
     }
     if !staged.is_empty() {
         // Persist after the reader has its page. Only pages still staged:
-        // an executor write since then must not be overwritten. The store
-        // write happens outside the view lock (readers keep reading, from
-        // the staged copies); an executor write to one of these pages
-        // waits for it (STORING), as for background batches.
+        // an executor write since then replaced the staged copy, and must
+        // not be overwritten. The store write happens outside the view lock
+        // (readers keep reading, from the staged copies); an executor write
+        // meanwhile is staged and persisted after it (STORING), as for
+        // background batches.
         let still: Vec<&(u64, Arc<Vec<u8>>)> = {
             let mut st = sh.lock();
             let still: Vec<&(u64, Arc<Vec<u8>>)> = staged
@@ -718,9 +754,9 @@ async fn fetch_batch(mut guard: InFlight, leaves: Vec<Digest>) -> Result<(), Rec
         match fetched {
             Ok(reply) => {
                 // Claimed under the view lock and written outside it: an
-                // executor write to a page being stored waits (STORING), so
-                // it cannot slip in between the check and the store write,
-                // and reads are not held up by the store write.
+                // executor write to a page being stored is staged and only
+                // persisted once this write is done (STORING), and reads are
+                // not held up by the store write.
                 let fresh: Vec<proto::PageData> = reply
                     .pages
                     .into_iter()
@@ -1104,6 +1140,7 @@ impl RecoveryView {
             demand: AtomicUsize::new(0),
             opened: Instant::now(),
             last_demand_us: AtomicU64::new(0),
+            executing: AtomicUsize::new(0),
             reads: AtomicU64::new(0),
             read_us: AtomicU64::new(0),
             write_us: AtomicU64::new(0),
@@ -1342,20 +1379,33 @@ impl RecoveryView {
         r
     }
 
+    /// Pages of C are written behind: they join the staged pages (reads see
+    /// them there) and reach the store with them, in one batch once more
+    /// than [`WRITE_BEHIND_PAGES`] are staged, or when the view completes
+    /// ([`Self::persist_staged`], which a caller must run before using the
+    /// store directly). During recovery nothing needs them durable: the
+    /// replica cannot checkpoint before the view is complete, and a replica
+    /// that restarts mid-recovery is recovered again. A woken replica's
+    /// replay so no longer writes the store for each order. Pages past C's
+    /// count are written through (they are read from the store).
     fn write_pages_inner(&self, pages: &[(u64, &[u8])]) -> Result<(), RecoveryError> {
+        let n = self.shared.num_pages;
+        let (ours, grown): (Vec<(u64, &[u8])>, Vec<(u64, &[u8])>) =
+            pages.iter().copied().partition(|(i, _)| *i < n);
+        if !grown.is_empty() {
+            self.shared.store.write_pages(grown)?;
+        }
         {
+            // No wait for a fetched copy of one of these pages being stored
+            // (STORING): ours is staged, so it reaches the store after that.
             let mut st = self.shared.lock();
-            let n = self.shared.num_pages;
-            while pages.iter().any(|(i, _)| *i < n && st.storing(*i)) {
-                st = self.shared.cond.wait(st).unwrap_or_else(|e| e.into_inner());
-            }
-            self.shared.store.write_pages(pages.iter().copied())?;
             st.written = true;
-            for (index, _) in pages {
-                if *index < n {
-                    st.staged.remove(index);
-                    st.set_state(*index, PRESENT);
-                }
+            for (index, data) in &ours {
+                st.staged.insert(*index, Arc::new(data.to_vec()));
+                st.set_state(*index, PRESENT);
+            }
+            if st.staged.len() > WRITE_BEHIND_PAGES {
+                self.shared.persist_locked(&mut st)?;
             }
         }
         self.shared.notify();
@@ -1364,6 +1414,16 @@ impl RecoveryView {
 
     pub fn progress(&self) -> Progress {
         self.shared.progress(&self.shared.lock())
+    }
+
+    /// Marks a run of execution (e.g. a woken replica replaying the orders
+    /// since the checkpoint) until the guard is dropped: the background
+    /// sends no new request meanwhile (those in flight finish), leaving the
+    /// machine and the peers to the run and the fetches its reads need.
+    /// Between runs it goes on at full speed.
+    pub fn executing(&self) -> Executing {
+        self.shared.executing.fetch_add(1, Ordering::SeqCst);
+        Executing(self.shared.clone())
     }
 
     /// Takes the events recorded so far.

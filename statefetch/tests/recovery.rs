@@ -362,3 +362,33 @@ async fn the_background_outlasts_a_source_outage_and_gives_up_only_later() {
     );
     assert!(e.to_string().contains("no source answered"), "{e}");
 }
+
+/// Executor writes during recovery are written behind: reads see them at
+/// once, the store gets them in batches (when many are pending, or when the
+/// caller persists the view), never older fetched contents over them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_recovery_are_read_back_and_reach_the_store_later() {
+    let s = setup(50, 5, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let empty = common::open(dir.path());
+    let honest: Arc<dyn PageSource> = Arc::new(LocalSource::new(s.honest.clone(), "honest"));
+    let view = RecoveryView::open(empty.clone(), s.cert, vec![honest], config())
+        .await
+        .unwrap();
+    // Page 10 is written before it was ever fetched, page 0 after a read.
+    assert_eq!(view.read(0).await.unwrap(), truth(&s, 0));
+    view.write_pages(&[(10, &common::page(10, 77)), (0, &common::page(0, 78))])
+        .unwrap();
+    assert_eq!(view.read(10).await.unwrap(), common::page(10, 77));
+    assert_eq!(view.read(0).await.unwrap(), common::page(0, 78));
+    view.wait_complete().await.unwrap();
+    // Complete: the store holds every page, our writes over the fetched ones.
+    assert_eq!(empty.read_page(10).unwrap(), common::page(10, 77));
+    assert_eq!(empty.read_page(0).unwrap(), common::page(0, 78));
+    for i in (1..s.n).filter(|i| *i != 10) {
+        assert_eq!(empty.read_page(i).unwrap(), truth(&s, i), "page {i}");
+    }
+    // Pages past the checkpoint's count are written through.
+    view.write(s.n + 2, &common::page(99, 1)).unwrap();
+    assert_eq!(empty.read_page(s.n + 2).unwrap(), common::page(99, 1));
+}
