@@ -1390,8 +1390,8 @@ impl RecoveryView {
     /// count are written through (they are read from the store).
     fn write_pages_inner(&self, pages: &[(u64, &[u8])]) -> Result<(), RecoveryError> {
         let n = self.shared.num_pages;
-        let (ours, grown): (Vec<(u64, &[u8])>, Vec<(u64, &[u8])>) =
-            pages.iter().copied().partition(|(i, _)| *i < n);
+        type Pages<'a> = Vec<(u64, &'a [u8])>;
+        let (ours, grown): (Pages, Pages) = pages.iter().copied().partition(|(i, _)| *i < n);
         if !grown.is_empty() {
             self.shared.store.write_pages(grown)?;
         }
