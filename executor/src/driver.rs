@@ -23,6 +23,10 @@
 //!   verified against the certificate) and in the background. Once every
 //!   page is present the plain store replaces the recovering view. A failed
 //!   attempt (no peer answered) is retried every [`ExecutorConfig::retry`].
+//!   While a recovery is under way a mark file ([`RECOVERY_MARK`]) sits in
+//!   the state folder; a replica that starts and finds it (it stopped
+//!   mid-recovery, over a store mixing fetched, old and replayed pages)
+//!   removes its store and starts empty, to recover again.
 //!   A recovery whose background fetch gives up (no peer has served the
 //!   checkpoint for 30 s, or every peer proved faulty) ends the replica with
 //!   [`DriverError::RecoveryFailed`]: it cannot execute on, and the
@@ -39,7 +43,7 @@
 //! misaddressed input is dropped and counted, never a panic.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
@@ -258,6 +262,12 @@ pub async fn run_with_stats(
 ) -> Result<Exit, DriverError> {
     let store_dir = cfg.store_dir.clone();
     let store = tokio::task::spawn_blocking(move || {
+        if clear_interrupted_recovery(&store_dir)? {
+            tracing::warn!(
+                dir = %store_dir.display(),
+                "a recovery was interrupted: the state mixes fetched and old pages; starting empty, to recover again"
+            );
+        }
         PageStore::open(
             &store_dir,
             StoreConfig {
@@ -331,6 +341,7 @@ pub async fn run_with_stats(
     let ctx = CoreCtx {
         link: link.clone(),
         store: store.clone(),
+        store_dir: cfg.store_dir.clone(),
         sources,
         recovery: cfg.recovery.clone(),
         retry: cfg.retry,
@@ -537,6 +548,8 @@ async fn read_loop(
 struct CoreCtx {
     link: Arc<Link>,
     store: PageStore,
+    /// Where the recovery mark lives (see [`RECOVERY_MARK`]).
+    store_dir: PathBuf,
     sources: Vec<Arc<dyn PageSource>>,
     recovery: RecoveryConfig,
     retry: Duration,
@@ -669,6 +682,14 @@ fn core_loop(
                 }) {
                     Ok(old) => {
                         drop(old);
+                        // Durable first: only then is the state whole on disk.
+                        if let Err(e) =
+                            ctx.store.flush().map_err(|e| e.to_string()).and_then(|()| {
+                                clear_recovery_mark(&ctx.store_dir).map_err(|e| e.to_string())
+                            })
+                        {
+                            tracing::warn!(error = %e, "recovery complete but its mark not cleared");
+                        }
                         let r = recovering.take().expect("checked");
                         tracing::info!(
                             app_seq = r.cert.app_seq,
@@ -685,6 +706,40 @@ fn core_loop(
             }
         }
     }
+}
+
+/// A file in the state folder that exists while a recovery is under way:
+/// the store then mixes pages of the checkpoint being fetched, older local
+/// pages and replayed writes, and is no state to execute from. A replica
+/// that starts and finds it starts empty, and recovers again.
+pub const RECOVERY_MARK: &str = "RECOVERING";
+
+fn set_recovery_mark(store_dir: &Path, app_seq: u64) -> std::io::Result<()> {
+    std::fs::create_dir_all(store_dir)?;
+    let path = store_dir.join(RECOVERY_MARK);
+    let mut f = std::fs::File::create(&path)?;
+    std::io::Write::write_all(&mut f, format!("{app_seq}\n").as_bytes())?;
+    f.sync_all()?;
+    std::fs::File::open(store_dir)?.sync_all()
+}
+
+fn clear_recovery_mark(store_dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(store_dir.join(RECOVERY_MARK)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::File::open(store_dir)?.sync_all()
+}
+
+/// If a recovery was under way when the replica last stopped, removes the
+/// page store and the mark; returns whether it did.
+fn clear_interrupted_recovery(store_dir: &Path) -> Result<bool, StoreError> {
+    if !store_dir.join(RECOVERY_MARK).exists() {
+        return Ok(false);
+    }
+    PageStore::destroy(store_dir)?;
+    clear_recovery_mark(store_dir)?;
+    Ok(true)
 }
 
 /// Logs what executing orders during recovery cost in page fetches.
@@ -741,6 +796,8 @@ fn start_recovery(
     cert: &ExecCheckpointCert,
 ) -> Result<Recovering, String> {
     let started = Instant::now();
+    // Before the first fetched page reaches the store.
+    set_recovery_mark(&ctx.store_dir, cert.app_seq).map_err(|e| e.to_string())?;
     let view = ctx
         .runtime
         .block_on(RecoveryView::open(
@@ -752,7 +809,13 @@ fn start_recovery(
             ctx.sources.clone(),
             ctx.recovery.clone(),
         ))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| {
+            // Opening fetched nothing into the store: the state is intact.
+            if let Err(c) = clear_recovery_mark(&ctx.store_dir) {
+                tracing::warn!(error = %c, "clearing the recovery mark");
+            }
+            e.to_string()
+        })?;
     let view = Arc::new(view);
     let state = RecoveringState::new(view.clone(), ctx.store.clone());
     let state: Box<dyn StateBackend> = Box::new(state);
@@ -770,4 +833,43 @@ fn start_recovery(
         cert: cert.clone(),
         started,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupted_recovery_leaves_a_mark_that_empties_the_store_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store_dir = dir.path().join("state");
+        let page = vec![7u8; zz_statefetch::PAGE_SIZE];
+        {
+            let store = PageStore::open(&store_dir, StoreConfig::default()).unwrap();
+            store.write_page(3, &page).unwrap();
+            store.flush().unwrap();
+        }
+        std::fs::write(store_dir.join("fault.toml"), "kept").unwrap();
+        // No mark: the store is kept.
+        assert!(!clear_interrupted_recovery(&store_dir).unwrap());
+        let store = PageStore::open(&store_dir, StoreConfig::default()).unwrap();
+        assert_eq!(store.read_page(3).unwrap(), page);
+        drop(store);
+        // A recovery starts, and the replica stops before it completes.
+        set_recovery_mark(&store_dir, 42).unwrap();
+        assert!(clear_interrupted_recovery(&store_dir).unwrap());
+        assert!(!store_dir.join(RECOVERY_MARK).exists());
+        assert_eq!(
+            std::fs::read_to_string(store_dir.join("fault.toml")).unwrap(),
+            "kept"
+        );
+        let store = PageStore::open(&store_dir, StoreConfig::default()).unwrap();
+        assert_eq!(store.num_pages().unwrap(), 0, "the mixed state is gone");
+        drop(store);
+        // A completed recovery clears its mark: nothing is removed.
+        set_recovery_mark(&store_dir, 43).unwrap();
+        clear_recovery_mark(&store_dir).unwrap();
+        clear_recovery_mark(&store_dir).unwrap();
+        assert!(!clear_interrupted_recovery(&store_dir).unwrap());
+    }
 }

@@ -391,6 +391,15 @@ impl PageStore {
         })
     }
 
+    /// Removes the store kept in directory `path` (nothing if there is
+    /// none); other files in `path` stay. The store must not be open.
+    pub fn destroy(path: impl AsRef<Path>) -> Result<(), StoreError> {
+        match std::fs::remove_dir_all(path.as_ref().join(SLED_DIR)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
     fn read_state(&self) -> Result<RwLockReadGuard<'_, State>, StoreError> {
         let st = self.inner.state.read().map_err(|_| StoreError::Poisoned)?;
         if st.poisoned {
