@@ -592,16 +592,9 @@ fn core_loop(
             }
             next = inputs.try_recv().ok();
         }
-        let before = core.executed();
-        let executing = recovering.as_ref().map(|r| r.view.executing());
-        let ready = core.ready()?;
-        drop(executing);
-        if send_ready(&core, &ctx, &ready) {
+        let Some(ready) = execute(&mut core, &ctx, recovering.as_ref())? else {
             return Ok(Exit::Crashed);
-        }
-        if let Some(r) = &recovering {
-            log_replay(r, before, core.executed());
-        }
+        };
         if let Some(c) = ready.stable_ahead {
             tracing::info!(
                 app_seq = c.app_seq,
@@ -623,14 +616,9 @@ fn core_loop(
                     Ok(r) => {
                         wanted = None;
                         // Orders buffered above the checkpoint execute now.
-                        let before = core.executed();
-                        let executing = r.view.executing();
-                        let ready = core.ready()?;
-                        drop(executing);
-                        if send_ready(&core, &ctx, &ready) {
+                        if execute(&mut core, &ctx, Some(&r))?.is_none() {
                             return Ok(Exit::Crashed);
                         }
-                        log_replay(&r, before, core.executed());
                         recovering = Some(r);
                     }
                     Err(e) => {
@@ -740,6 +728,27 @@ fn clear_interrupted_recovery(store_dir: &Path) -> Result<bool, StoreError> {
     PageStore::destroy(store_dir)?;
     clear_recovery_mark(store_dir)?;
     Ok(true)
+}
+
+/// Executes what the core can and sends its output. During a recovery the
+/// run is marked to the view (its background fetch steps aside meanwhile)
+/// and logged. `None`: the replica must now crash (fault injection).
+fn execute(
+    core: &mut ExecutionCore,
+    ctx: &CoreCtx,
+    recovering: Option<&Recovering>,
+) -> Result<Option<Ready>, DriverError> {
+    let before = core.executed();
+    let executing = recovering.map(|r| r.view.executing());
+    let ready = core.ready()?;
+    drop(executing);
+    if send_ready(core, ctx, &ready) {
+        return Ok(None);
+    }
+    if let Some(r) = recovering {
+        log_replay(r, before, core.executed());
+    }
+    Ok(Some(ready))
 }
 
 /// Logs what executing orders during recovery cost in page fetches.

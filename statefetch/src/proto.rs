@@ -353,14 +353,7 @@ pub fn check_read_hint(
         Response::ReadHint(h) => h,
         other => return Err(unwrap_refusal(other)),
     };
-    if hint.seq != seq || hint.root != root {
-        return Err(FetchError::StaleCheckpoint {
-            seq,
-            root,
-            got_seq: hint.seq,
-            got_root: hint.root,
-        });
-    }
+    check_header(seq, root, None, (hint.seq, hint.root, 0))?;
     if hint.pages.len() > max as usize {
         return Err(FetchError::WrongCount {
             expected: max as usize,

@@ -358,6 +358,18 @@ impl Shared {
         }
     }
 
+    /// The sources not excluded, starting from the next in rotation (which
+    /// spreads load over honest peers).
+    fn sources_in_turn(&self) -> Vec<usize> {
+        let k = self.sources.len();
+        let first = self.next_source.fetch_add(1, Ordering::Relaxed);
+        let st = self.lock();
+        (0..k)
+            .map(|j| (first + j) % k)
+            .filter(|i| !st.excluded[*i])
+            .collect()
+    }
+
     /// Sends `request` to one source after another until a reply passes
     /// `check`; faulty sources are excluded, failing ones skipped this pass.
     async fn ask<T>(
@@ -409,15 +421,7 @@ impl Shared {
         request: Request,
         check: impl Fn(proto::Response) -> Result<T, FetchError>,
     ) -> Result<T, RecoveryError> {
-        let k = self.sources.len();
-        let first = self.next_source.fetch_add(1, Ordering::Relaxed);
-        let order: Vec<usize> = {
-            let st = self.lock();
-            (0..k)
-                .map(|j| (first + j) % k)
-                .filter(|i| !st.excluded[*i])
-                .collect()
-        };
+        let order = self.sources_in_turn();
         if order.is_empty() {
             return Err(RecoveryError::NoHonestSource);
         }
@@ -605,6 +609,14 @@ impl Drop for Demand {
         self.0.demand.fetch_sub(1, Ordering::SeqCst);
         self.0.notify();
     }
+}
+
+/// Runs `f`, adding the time it took to `total_us`.
+fn timed<T>(total_us: &AtomicU64, f: impl FnOnce() -> T) -> T {
+    let t0 = Instant::now();
+    let r = f();
+    total_us.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+    r
 }
 
 /// See [`RecoveryView::executing`].
@@ -801,13 +813,7 @@ async fn fetch_batch(mut guard: InFlight, leaves: Vec<Digest>) -> Result<(), Rec
 /// refusal is no fault (a peer restarted since, or its log is bounded).
 async fn read_hint(sh: &Shared) -> Option<Vec<u64>> {
     let (seq, root, max) = (sh.cert.seq, sh.cert.root, sh.config.prefetch_pages);
-    let k = sh.sources.len();
-    let first = sh.next_source.fetch_add(1, Ordering::Relaxed);
-    for j in 0..k {
-        let i = (first + j) % k;
-        if sh.lock().excluded[i] {
-            continue;
-        }
+    for i in sh.sources_in_turn() {
         let request = Request::ReadHint { seq, root, max };
         let reply = tokio::time::timeout(HINT_TIMEOUT, sh.sources[i].call(request))
             .await
@@ -1321,13 +1327,8 @@ impl RecoveryView {
     /// [`read`](Self::read) for a thread outside the async runtime (for
     /// example a synchronous executor). Do not call it on a runtime thread.
     pub fn read_blocking(&self, index: u64) -> Result<Vec<u8>, RecoveryError> {
-        let t0 = Instant::now();
-        let r = self.read_blocking_inner(index);
-        let sh = &self.shared;
-        sh.reads.fetch_add(1, Ordering::Relaxed);
-        sh.read_us
-            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-        r
+        self.shared.reads.fetch_add(1, Ordering::Relaxed);
+        timed(&self.shared.read_us, || self.read_blocking_inner(index))
     }
 
     fn read_blocking_inner(&self, index: u64) -> Result<Vec<u8>, RecoveryError> {
@@ -1371,12 +1372,7 @@ impl RecoveryView {
 
     /// Writes several pages as one store batch (see [`Self::write`]).
     pub fn write_pages(&self, pages: &[(u64, &[u8])]) -> Result<(), RecoveryError> {
-        let t0 = Instant::now();
-        let r = self.write_pages_inner(pages);
-        self.shared
-            .write_us
-            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-        r
+        timed(&self.shared.write_us, || self.write_pages_inner(pages))
     }
 
     /// Pages of C are written behind: they join the staged pages (reads see
