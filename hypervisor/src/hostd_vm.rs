@@ -15,7 +15,9 @@ use zz_wire::exec::{ExecId, HostAction};
 use crate::hostbackend::HostBackend;
 use crate::hostd::{HostdError, HostdOptions};
 use crate::libvirt::{Accel, GuestImage, LibvirtBackend, LibvirtConfig};
-use crate::lifecycle::{carry_out, DormantMode, LifecycleError, ReplicaSpec, ReplicaState};
+use crate::lifecycle::{
+    carry_out, DormantMode, LifecycleError, ReplicaLifecycle, ReplicaSpec, ReplicaState,
+};
 use crate::vmlink::GuestReady;
 
 /// The default libvirt URI of a host that names none.
@@ -251,20 +253,60 @@ pub async fn sleep_when_ready(
     Ok(())
 }
 
+/// How often a rebuilt guest that stops during its boot is rebuilt again
+/// before the host agent gives up on it (it then stays dormant and stopped;
+/// the agreement cluster's next Reimage tries again).
+const REBUILD_ATTEMPTS: u32 = 3;
+
 /// After a reimage: waits for the rebuilt guest's handshake (count above
-/// `seen`), then puts it to sleep.
+/// `seen`), then puts it to sleep. A guest that stops before it answers (its
+/// executor failed to start: the console log says why) is rebuilt again, up
+/// to [`REBUILD_ATTEMPTS`] times in all, rather than waited on until the boot
+/// timeout.
 pub async fn sleep_after_boot(
     backend: &Arc<Mutex<HostBackend>>,
     exec: ExecId,
     ready: &GuestReady,
-    seen: u64,
+    mut seen: u64,
     mode: DormantMode,
 ) -> Result<Result<ReplicaState, LifecycleError>, tokio::task::JoinError> {
-    if !ready
-        .wait_above(exec, seen, VmOptions::default().boot_timeout)
-        .await
-    {
-        tracing::warn!(%exec, "rebuilt guest did not answer; putting it to sleep anyway");
+    let timeout = VmOptions::default().boot_timeout;
+    let mut attempt = 1;
+    let mut deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if ready
+            .wait_above(exec, seen, Duration::from_millis(500))
+            .await
+        {
+            break;
+        }
+        let b = backend.clone();
+        let state = tokio::task::spawn_blocking(move || lock(&b).state(exec)).await?;
+        let stopped = matches!(
+            state,
+            Ok(ReplicaState::Exited { .. } | ReplicaState::Crashed { .. })
+        );
+        if stopped && attempt < REBUILD_ATTEMPTS {
+            attempt += 1;
+            tracing::warn!(%exec, state = ?state, attempt,
+                "rebuilt guest stopped before it answered (see its console log); rebuilding it again");
+            seen = ready.count(exec);
+            let b = backend.clone();
+            let rebuilt = tokio::task::spawn_blocking(move || {
+                carry_out(&mut *lock(&b), exec, HostAction::Reimage, mode)
+            })
+            .await?;
+            if let Err(e) = rebuilt {
+                return Ok(Err(e));
+            }
+            deadline = tokio::time::Instant::now() + timeout;
+            continue;
+        }
+        if stopped || tokio::time::Instant::now() >= deadline {
+            tracing::warn!(%exec, state = ?state, attempt,
+                "rebuilt guest did not answer; putting it to sleep anyway");
+            break;
+        }
     }
     let b = backend.clone();
     tokio::task::spawn_blocking(move || carry_out(&mut *lock(&b), exec, HostAction::Sleep, mode))

@@ -178,12 +178,12 @@ impl System {
         let start = Instant::now();
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
             if let Some(Ok(Some(s))) = sys.hostd.as_mut().map(|c| c.try_wait()) {
-                panic!("zz-hostd exited ({s}):\n{}", sys.hostd_log());
+                panic!("zz-hostd exited ({s}):\n{}", sys.diagnostics());
             }
             assert!(
                 start.elapsed() < BOOT,
                 "zz-hostd did not listen:\n{}",
-                sys.hostd_log()
+                sys.diagnostics()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -195,6 +195,21 @@ impl System {
 
     fn hostd_log(&self) -> String {
         std::fs::read_to_string(&self.hostd_log).unwrap_or_default()
+    }
+
+    /// The host agent's log and the end of each guest's console log (where
+    /// a guest's executor writes why it stopped), for failure messages.
+    fn diagnostics(&self) -> String {
+        let mut out = format!("hostd log:\n{}", self.hostd_log());
+        for index in 0..3 {
+            let log = self.executor_log(index);
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            out.push_str(&format!(
+                "\nconsole of exec {index} (last 40 lines):\n{tail}"
+            ));
+        }
+        out
     }
 
     fn executor_log(&self, index: u32) -> String {
@@ -277,8 +292,8 @@ fn expect_domains(sys: &System, want: &[(usize, &str)]) {
         }
         assert!(
             Instant::now() < deadline,
-            "virsh list --all: expected {want:?}, got {got:?}\nhostd log:\n{}",
-            sys.hostd_log()
+            "virsh list --all: expected {want:?}, got {got:?}\n{}",
+            sys.diagnostics()
         );
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -376,7 +391,8 @@ fn fault_drill(dormant: &str) {
         }
         assert!(
             Instant::now() < deadline,
-            "expected Wake of exec2 and Reimage of exec0; hostd log:\n{log}"
+            "expected Wake of exec2 and Reimage of exec0\n{}",
+            sys.diagnostics()
         );
         std::thread::sleep(Duration::from_millis(250));
     }
