@@ -13,7 +13,7 @@
 //!   frames, decode them and check peer envelope MACs, so the core only sees
 //!   authenticated peer messages. Each read's worth of frames goes to the core
 //!   as one channel message.
-//! - The **core task** owns the [`Replica`] and its [`SledStorage`]. It drains
+//! - The **core task** owns the [`Replica`] and its [`DiskStorage`]. It drains
 //!   every input that is available before calling [`Replica::ready`], so
 //!   whatever arrived meanwhile shares one batch (natural batching), and ticks
 //!   the replica every [`DriverOptions::tick_interval`] with a monotonic
@@ -79,7 +79,7 @@ use zz_wire::message::{ClientRequest, Frame, PeerEnvelope, PeerMessage, Reply, S
 use zz_wire::{ClientId, ReplicaId, WireError};
 
 use crate::app::Service;
-use crate::persist::{SledStorage, StorageError};
+use crate::persist::{DiskStorage, StorageError};
 use crate::replica::{
     CommittedBatch, Ready, Rejected, Replica, ReplicaMetrics, ReplicaOptions, Target,
 };
@@ -460,7 +460,7 @@ pub async fn start(opts: DriverOptions) -> Result<DriverHandle, DriverError> {
             opts.data_dir.display()
         )))
     })?;
-    let storage = SledStorage::open(&opts.data_dir)?;
+    let mut storage = DiskStorage::open(&opts.data_dir)?;
     let persisted = storage.load()?;
     let mut ropts = ReplicaOptions::new(n, cfg.f, cfg.agreement.clone());
     // Apps with [[executors]] run on execution replicas.
@@ -714,7 +714,7 @@ impl Core {
 struct Outputs {
     me: ReplicaId,
     keys: ReplicaKeys,
-    storage: SledStorage,
+    storage: DiskStorage,
     peers: Vec<Option<ConnTx>>,
     peer_bufs: Vec<BytesMut>,
     routes: HashMap<ClientId, ConnTx>,

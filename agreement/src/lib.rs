@@ -4,7 +4,10 @@
 //!   a watermark window, checkpoints and log truncation, view change, catch-up,
 //!   request de-duplication). No I/O, no clock: inputs in, [`replica::Ready`] out.
 //! - [`viewchange`]: pure validation of certificates and the new-view computation.
-//! - [`persist`]: what must survive a restart, and its sled store.
+//! - [`persist`]: what must survive a restart, and its on-disk store (sled for
+//!   the rarely written parts, [`journal`] for prepared certificates).
+//! - [`journal`]: the prepared-certificate journal, the flush on a batch's
+//!   critical path.
 //! - [`app`]: deterministic in-memory apps executed in sequence order, until
 //!   execution moves to separate execution replicas.
 //! - [`driver`]: the tokio driver that owns sockets, disk and timers; the
@@ -17,6 +20,7 @@ pub mod app;
 pub mod driver;
 pub mod execution;
 pub mod hostlink;
+pub mod journal;
 pub mod persist;
 pub mod replica;
 pub mod status;

@@ -1,6 +1,7 @@
 //! What an agreement replica must remember across a crash, as a sequence of
-//! [`PersistOp`]s the sans-IO core emits and a driver stores (in sled, or in
-//! memory for simulation) before sending any message of the same `Ready`.
+//! [`PersistOp`]s the sans-IO core emits and a driver stores (on disk with
+//! [`DiskStorage`], or in memory for simulation) before sending any message of
+//! the same `Ready`.
 //!
 //! Remembered: the view (so the replica never goes back); a vote floor, the
 //! highest sequence number it may have pre-prepared or prepared in that view
@@ -11,7 +12,8 @@
 //!
 //! The floor is the high watermark of the window, so it changes only when a
 //! checkpoint becomes stable or the view changes: on the critical path of a
-//! batch, the only disk flush is the one for its prepared certificate.
+//! batch, the only disk flush is the one for its prepared certificate, and
+//! that goes to the [`crate::journal`] rather than sled.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -19,6 +21,8 @@ use std::path::Path;
 use zz_wire::codec::{decode, encode};
 use zz_wire::message::{CheckpointCert, PreparedCert};
 use zz_wire::{Seq, View};
+
+use crate::journal::PreparedJournal;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum PersistOp {
@@ -59,8 +63,12 @@ impl PersistentState {
             }
             PersistOp::VoteFloor { view, floor } => self.vote_floor = Some((*view, *floor)),
             PersistOp::Prepared(cert) => {
-                self.prepared
-                    .insert(cert.pre_prepare.body.seq, cert.clone());
+                // Below the stable checkpoint a certificate is never needed
+                // again (view changes start from the checkpoint).
+                let seq = cert.pre_prepare.body.seq;
+                if self.stable.as_ref().is_none_or(|(c, _)| seq > c.seq) {
+                    self.prepared.insert(seq, cert.clone());
+                }
             }
             PersistOp::Stable { cert, snapshot } => {
                 let s = cert.seq;
@@ -77,17 +85,25 @@ pub enum StorageError {
     Sled { path: String, source: sled::Error },
     #[error("storage holds a corrupt record under `{0}`; move the data directory away to rejoin from peers")]
     Corrupt(String),
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
 }
 
-/// sled-backed durable state of one replica.
-pub struct SledStorage {
+/// The durable state of one replica in its data directory: the view, vote
+/// floor and stable checkpoint in sled (written a few times per checkpoint
+/// interval), prepared certificates in the [`PreparedJournal`] (once per
+/// batch).
+pub struct DiskStorage {
     path: String,
     meta: sled::Tree,
-    prepared: sled::Tree,
     db: sled::Db,
+    journal: PreparedJournal,
+    /// Prepared certificates read at open, decoded by [`DiskStorage::load`].
+    journaled: BTreeMap<Seq, Vec<u8>>,
+    meta_dirty: bool,
 }
 
-impl SledStorage {
+impl DiskStorage {
     pub fn open(path: &Path) -> Result<Self, StorageError> {
         let p = path.display().to_string();
         let err = |source| StorageError::Sled {
@@ -95,12 +111,34 @@ impl SledStorage {
             source,
         };
         let db = sled::open(path).map_err(err)?;
-        Ok(SledStorage {
+        let (journal, journaled) = PreparedJournal::open(path)?;
+        let mut storage = DiskStorage {
             meta: db.open_tree("meta").map_err(err)?,
-            prepared: db.open_tree("prepared").map_err(err)?,
             db,
-            path: p,
-        })
+            path: p.clone(),
+            journal,
+            journaled,
+            meta_dirty: false,
+        };
+        // Certificates from before the journal existed (sled's "prepared"
+        // tree) move into it once, then the tree is dropped.
+        let old = storage.db.open_tree("prepared").map_err(err)?;
+        if !old.is_empty() {
+            for kv in old.iter() {
+                let (k, v) = kv.map_err(err)?;
+                let seq = Seq::from_be_bytes(
+                    k.as_ref()
+                        .try_into()
+                        .map_err(|_| StorageError::Corrupt(format!("prepared/{k:?}")))?,
+                );
+                storage.journal.append(seq, v.to_vec());
+                storage.journaled.insert(seq, v.to_vec());
+            }
+            storage.journal.sync()?;
+        }
+        drop(old);
+        let _ = storage.db.drop_tree("prepared");
+        Ok(storage)
     }
 
     fn err(&self, source: sled::Error) -> StorageError {
@@ -110,9 +148,10 @@ impl SledStorage {
         }
     }
 
-    /// Applies ops; they are durable once [`SledStorage::flush`] returns.
-    pub fn apply(&self, ops: &[PersistOp]) -> Result<(), StorageError> {
+    /// Applies ops; they are durable once [`DiskStorage::flush`] returns.
+    pub fn apply(&mut self, ops: &[PersistOp]) -> Result<(), StorageError> {
         for op in ops {
+            self.meta_dirty |= !matches!(op, PersistOp::Prepared(_));
             match op {
                 PersistOp::View { view, active } => {
                     self.meta
@@ -125,32 +164,33 @@ impl SledStorage {
                         .map_err(|e| self.err(e))?;
                 }
                 PersistOp::Prepared(cert) => {
-                    self.prepared
-                        .insert(cert.pre_prepare.body.seq.to_be_bytes(), encode(cert))
-                        .map_err(|e| self.err(e))?;
+                    self.journal.append(cert.pre_prepare.body.seq, encode(cert));
                 }
                 PersistOp::Stable { cert, snapshot } => {
                     self.meta
                         .insert("stable", encode(&(cert, serde_bytes::Bytes::new(snapshot))))
                         .map_err(|e| self.err(e))?;
-                    let upto = (cert.seq + 1).to_be_bytes();
-                    for k in self.prepared.range(..upto).keys() {
-                        self.prepared
-                            .remove(k.map_err(|e| self.err(e))?)
-                            .map_err(|e| self.err(e))?;
-                    }
+                    self.journal.forget_upto(cert.seq);
                 }
             }
         }
         Ok(())
     }
 
-    pub fn flush(&self) -> Result<(), StorageError> {
-        self.db.flush().map_err(|e| self.err(e))?;
+    /// Makes every applied op durable: sled first if any op went there, then
+    /// the journal. In that order because a journal sync may compact away
+    /// certificates a new stable checkpoint covers; that checkpoint must be
+    /// durable before they are gone.
+    pub fn flush(&mut self) -> Result<(), StorageError> {
+        if std::mem::take(&mut self.meta_dirty) {
+            self.db.flush().map_err(|e| self.err(e))?;
+        }
+        self.journal.sync()?;
         Ok(())
     }
 
-    pub fn load(&self) -> Result<PersistentState, StorageError> {
+    /// What was durable when the storage was opened.
+    pub fn load(&mut self) -> Result<PersistentState, StorageError> {
         let mut st = PersistentState::default();
         if let Some(v) = self.meta.get("view").map_err(|e| self.err(e))? {
             let (view, active): (View, bool) =
@@ -170,11 +210,15 @@ impl SledStorage {
                 decode(&v).map_err(|_| StorageError::Corrupt("meta/stable".into()))?;
             st.stable = Some((cert, snap.into_vec()));
         }
-        for kv in self.prepared.iter() {
-            let (k, v) = kv.map_err(|e| self.err(e))?;
-            let cert: PreparedCert =
-                decode(&v).map_err(|_| StorageError::Corrupt(format!("prepared/{k:?}")))?;
-            st.prepared.insert(cert.pre_prepare.body.seq, cert);
+        let stable = st.stable.as_ref().map_or(0, |(c, _)| c.seq);
+        self.journal.forget_upto(stable);
+        for (seq, v) in std::mem::take(&mut self.journaled) {
+            if seq <= stable {
+                continue;
+            }
+            let cert: PreparedCert = decode(&v)
+                .map_err(|_| StorageError::Corrupt(format!("prepared journal, seq {seq}")))?;
+            st.prepared.insert(seq, cert);
         }
         Ok(st)
     }
@@ -230,11 +274,11 @@ mod tests {
         };
         ops.iter().for_each(|o| mem.apply(o));
         {
-            let s = SledStorage::open(dir.path()).unwrap();
+            let mut s = DiskStorage::open(dir.path()).unwrap();
             s.apply(&ops).unwrap();
             s.flush().unwrap();
         }
-        let s = SledStorage::open(dir.path()).unwrap();
+        let mut s = DiskStorage::open(dir.path()).unwrap();
         assert_eq!(s.load().unwrap(), mem);
         assert_eq!(mem.prepared.keys().copied().collect::<Vec<_>>(), vec![9]);
         assert_eq!(mem.vote_floor, Some((1, 256)));
