@@ -957,9 +957,12 @@ async fn serve_connection(
                         Ok(Frame::Reply(_))
                         | Ok(Frame::HostCommand(_))
                         | Ok(Frame::Exec(_))
-                        | Ok(Frame::OperatorAck(_)) => {
+                        | Ok(Frame::OperatorAck(_))
+                        | Ok(Frame::HostPeer { .. })
+                        | Ok(Frame::Fetch(_)) => {
                             // Replicas never receive replies or host commands,
-                            // and execution traffic arrives on host-agent links.
+                            // execution traffic arrives on host-agent links,
+                            // and host-to-host frames go between host agents.
                             inc(&ctx.stats.frames_malformed);
                         }
                         Err(e) => {

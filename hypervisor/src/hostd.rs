@@ -8,6 +8,7 @@
 //!       Frame::HostCommand ─► CommandGate ─► carry_out (blocking pool)
 //!       Frame::Exec (executed, checkpoints)   ◄─   LinkFrame::Exec
 //!                                    LinkFrame::Fetch ◄─► between local executors
+//!  other host agents ══TCP══► hostd     Frame::Fetch ◄─► executors on other hosts
 //! ```
 //!
 //! - **Replicas.** At start every execution replica of the config placed on
@@ -40,11 +41,13 @@
 //!   blocking pool: `Wake` resumes (or restores, or restarts), `Sleep` makes
 //!   dormant, `Reimage` destroys, wipes and restarts the replica, then puts it
 //!   to sleep: a rebuilt replica is dormant until woken.
-//! - **State fetch** frames between local executors are relayed by target
-//!   [`ExecId`]; a request for a replica that is not connected here is
-//!   answered at once with a refusal so the fetcher asks another peer.
-//!   Relaying fetches between hosts is not built yet: a recovering replica
-//!   can fetch only from peers on its own host.
+//! - **State fetch** frames are relayed by target [`ExecId`]: to the
+//!   target's stream if it runs here, else over the link to the host agent
+//!   of the host it is placed on ([`crate::hostpeer`]). A request that cannot
+//!   be delivered (target not connected, peer host unreachable) is answered
+//!   at once with a refusal so the fetcher asks another peer. A connection
+//!   that starts with [`Frame::HostPeer`] is such a link from another host
+//!   agent: its fetch frames are delivered here if the placement agrees.
 //! - **Shutdown** on SIGTERM or SIGINT: every replica is destroyed and the
 //!   sockets are removed.
 //!
@@ -75,6 +78,7 @@ use zz_wire::ReplicaId;
 
 use crate::gate::{CommandGate, Fire, Verdict};
 use crate::hostbackend::HostBackend;
+use crate::hostpeer::HostPeers;
 use crate::lifecycle::{carry_out, LifecycleError, ReplicaLifecycle, ReplicaSpec};
 use crate::process::{ProcessBackend, ProcessConfig};
 use crate::vmlink::GuestReady;
@@ -197,6 +201,9 @@ pub struct HostStats {
     pub envelopes_to_executors: AtomicU64,
     pub envelopes_to_agreement: AtomicU64,
     pub fetch_relayed: AtomicU64,
+    /// Fetch frames sent to, and received from, other host agents.
+    pub fetch_to_hosts: AtomicU64,
+    pub fetch_from_hosts: AtomicU64,
     pub commands_rejected: AtomicU64,
     pub commands_fired: AtomicU64,
     pub commands_failed: AtomicU64,
@@ -293,6 +300,8 @@ struct Shared {
     next_conn: AtomicU64,
     /// Operator commands and status (set once the replicas are started).
     ops: std::sync::OnceLock<Arc<crate::hostd_ops::Ops>>,
+    /// Placement of every replica, and the links to the other host agents.
+    peers: Arc<HostPeers>,
 }
 
 impl Shared {
@@ -431,6 +440,8 @@ impl Hostd {
             to_executors = ld(&s.envelopes_to_executors),
             to_agreement = ld(&s.envelopes_to_agreement),
             fetch_relayed = ld(&s.fetch_relayed),
+            fetch_to_hosts = ld(&s.fetch_to_hosts),
+            fetch_from_hosts = ld(&s.fetch_from_hosts),
             commands_fired = ld(&s.commands_fired),
             "host agent stopped; replicas destroyed"
         );
@@ -523,6 +534,7 @@ pub async fn start(opts: HostdOptions) -> Result<Hostd, HostdError> {
         commands: cmd_tx,
         next_conn: AtomicU64::new(1),
         ops: std::sync::OnceLock::new(),
+        peers: HostPeers::start(cfg, &host.name, shutdown_rx.clone()),
     });
 
     // Listen on every replica's socket before starting it; for a VM,
@@ -961,20 +973,49 @@ async fn executor_read(
 
 fn relay_fetch(shared: &Shared, exec: ExecId, ff: FetchFrame) {
     let to = ff.to;
-    let refusal = ff.unreachable("not connected to this host agent");
+    let refusal = ff.unreachable("not connected to its host agent");
     let pages = match &ff.body {
         zz_executor::link::FetchBody::Response(zz_statefetch::Response::Pages(p)) => {
             p.pages.len() as u64
         }
         _ => 0,
     };
-    if shared.connected(to) && shared.to_executor(to, &LinkFrame::Fetch(ff)) {
+    let delivered = if shared.peers.is_local(to) {
+        shared.connected(to) && shared.to_executor(to, &LinkFrame::Fetch(ff))
+    } else {
+        let sent = shared.peers.send(ff);
+        if sent {
+            inc(&shared.stats.fetch_to_hosts);
+        }
+        sent
+    };
+    if delivered {
         inc(&shared.stats.fetch_relayed);
         if pages > 0 {
             shared.stats.ops.pages_relayed(to, pages);
         }
     } else if let Some(r) = refusal {
         shared.to_executor(exec, &LinkFrame::Fetch(r));
+    }
+}
+
+/// A frame on a link from the host agent of `host`: a fetch frame for a
+/// replica here, delivered if the placement agrees; a request that cannot be
+/// delivered is refused over this agent's own link to `host`.
+fn relay_from_host(shared: &Shared, host: &str, body: &[u8]) {
+    let Some(ff) = crate::hostpeer::decode_fetch(body) else {
+        return inc(&shared.stats.frames_malformed);
+    };
+    if !shared.peers.accepts_from(host, &ff) {
+        return inc(&shared.stats.frames_misrouted);
+    }
+    inc(&shared.stats.fetch_from_hosts);
+    let to = ff.to;
+    let refusal = ff.unreachable("not connected to its host agent");
+    if shared.connected(to) && shared.to_executor(to, &LinkFrame::Fetch(ff)) {
+        inc(&shared.stats.fetch_relayed);
+    } else if let Some(r) = refusal {
+        shared.peers.send(r);
     }
 }
 
@@ -1027,6 +1068,7 @@ async fn agreement_conn(
     let decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut replica: Option<ReplicaId> = None;
+    let mut peer_host: Option<String> = None;
     let mut writer = Some(wr);
     loop {
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
@@ -1051,9 +1093,21 @@ async fn agreement_conn(
                 }
             };
             inc(&stats.frames_in);
+            if let Some(host) = &peer_host {
+                relay_from_host(shared, host, &body);
+                continue;
+            }
             let Some(from) = replica else {
                 // The first frame must be a valid hello for this host.
                 let Some(r) = Hello::check(&body, &shared.me, &shared.replica_keys) else {
+                    // Or the start of a link from another host agent.
+                    if let Ok(Frame::HostPeer { host }) = codec::decode::<Frame>(&body) {
+                        if shared.peers.is_peer(&host) {
+                            tracing::info!(%host, "host agent linked");
+                            peer_host = Some(host);
+                            continue;
+                        }
+                    }
                     // Or an operator's command (`zzctl fault`), answered and closed.
                     if let (Some(cmd), Some(ops), Some(wr)) = (
                         crate::hostd_ops::as_operator(&body),

@@ -452,6 +452,8 @@ impl Ops {
             ("host_reimages_total", "counter", "Replicas reimaged.", ld(&o.reimages).to_string()),
             ("host_pages_fetched_total", "counter", "State pages relayed to recovering replicas.", ld(&o.pages_fetched).to_string()),
             ("host_fetch_relayed_total", "counter", "State fetch frames relayed between replicas.", ld(&s.fetch_relayed).to_string()),
+            ("host_fetch_to_hosts_total", "counter", "State fetch frames sent to other host agents.", ld(&s.fetch_to_hosts).to_string()),
+            ("host_fetch_from_hosts_total", "counter", "State fetch frames received from other host agents.", ld(&s.fetch_from_hosts).to_string()),
             ("host_fault_drills_total", "counter", "Operator fault drills carried out.", ld(&o.fault_drills).to_string()),
             ("host_operator_rejected_total", "counter", "Operator commands refused.", ld(&o.operator_rejected).to_string()),
         ];

@@ -16,7 +16,9 @@
 //! - [`mod@bench`]: latency measurement of the process backend's operations.
 //! - [`hostd`]: the host agent daemon (`zz-hostd`): runs this host's
 //!   execution replicas, relays their frames to and from agreement replicas
-//!   and between each other, and carries out authorized host commands.
+//!   and between each other, and carries out authorized host commands;
+//!   [`hostpeer`]: its links to the other host agents, which carry state
+//!   fetch between replicas on different hosts.
 //! - [`hostd_ops`]: the host agent's operator side: `/metrics` and `/status`
 //!   over HTTP, and operator-signed fault drills.
 //!
@@ -30,6 +32,7 @@ pub mod hostbackend;
 pub mod hostd;
 pub mod hostd_ops;
 pub mod hostd_vm;
+pub mod hostpeer;
 pub mod libvirt;
 pub mod lifecycle;
 pub mod process;

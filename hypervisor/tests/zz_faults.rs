@@ -72,6 +72,13 @@ struct Scenario {
     /// 64 KiB values written to every app before the load (and the faults'
     /// app_seqs count from after them), so that recovery has state to fetch.
     preload_values: u64,
+    /// Host agents `h0..`; execution replica `i` of each app runs on host
+    /// `i % hosts`.
+    hosts: usize,
+}
+
+fn host_of(s: &Scenario, index: u32) -> String {
+    format!("h{}", index as usize % s.hosts)
 }
 
 fn deployment(dir: &Path, s: &Scenario) -> Deployment {
@@ -85,14 +92,16 @@ fn deployment(dir: &Path, s: &Scenario) -> Deployment {
     };
     let d = write_local(dir, &opts).expect("writing the deployment");
     let mut cfg: ClusterConfig = d.config.clone();
-    let host_addr = free_addrs("127.0.0.1".parse().unwrap(), 1).unwrap()[0];
-    cfg.hosts.push(HostEntry {
-        name: "h0".into(),
-        addr: host_addr,
-        backend: "process".into(),
-        libvirt_uri: None,
-        metrics_addr: None,
-    });
+    let host_addrs = free_addrs("127.0.0.1".parse().unwrap(), s.hosts).unwrap();
+    for (h, addr) in host_addrs.into_iter().enumerate() {
+        cfg.hosts.push(HostEntry {
+            name: format!("h{h}"),
+            addr,
+            backend: "process".into(),
+            libvirt_uri: None,
+            metrics_addr: None,
+        });
+    }
     for &app in &s.apps {
         cfg.apps.push(AppEntry {
             id: app,
@@ -106,7 +115,7 @@ fn deployment(dir: &Path, s: &Scenario) -> Deployment {
             cfg.executors.push(ExecutorEntry {
                 app,
                 index,
-                host: "h0".into(),
+                host: host_of(s, index),
                 public_key: hex::encode(key.public().as_bytes()),
                 key_file,
             });
@@ -124,8 +133,11 @@ fn deployment(dir: &Path, s: &Scenario) -> Deployment {
 struct System {
     dep: Deployment,
     cluster: LocalCluster,
-    hostd: Option<Child>,
-    hostd_log: PathBuf,
+    /// One host agent per host, in host order.
+    hostds: Vec<Child>,
+    hostd_logs: Vec<PathBuf>,
+    /// Host of each execution replica index.
+    hosts: usize,
 }
 
 impl System {
@@ -134,31 +146,47 @@ impl System {
         let dep = deployment(dir, s);
         let log_dir = dir.join("logs");
         std::fs::create_dir_all(&log_dir).unwrap();
-        let hostd_log = log_dir.join("hostd.log");
-        let log = std::fs::File::create(&hostd_log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_zz-hostd"));
-        cmd.arg("--config")
-            .arg(&dep.config_path)
-            .args(["--host", "h0", "--executor"])
-            .arg(bins.join("zz-executor"));
-        for f in &s.faults {
-            cmd.args(["--fault", f]);
+        let mut hostds = Vec::new();
+        let mut hostd_logs = Vec::new();
+        for (h, entry) in dep.config.hosts.iter().enumerate() {
+            let hostd_log = log_dir.join(format!("hostd-{}.log", entry.name));
+            let log = std::fs::File::create(&hostd_log).unwrap();
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_zz-hostd"));
+            cmd.arg("--config")
+                .arg(&dep.config_path)
+                .args(["--host", &entry.name, "--executor"])
+                .arg(bins.join("zz-executor"));
+            // Each host agent gets the fault plans of its own replicas.
+            for plan in &s.faults {
+                // `APP/INDEX:...`
+                let index: u32 = plan
+                    .split(['/', ':'])
+                    .nth(1)
+                    .and_then(|i| i.parse().ok())
+                    .expect("fault plan names APP/INDEX");
+                if index as usize % s.hosts == h {
+                    cmd.args(["--fault", plan]);
+                }
+            }
+            let hostd = cmd
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("starting zz-hostd");
+            hostds.push(hostd);
+            hostd_logs.push(hostd_log);
         }
-        let hostd = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting zz-hostd");
-        let addr = dep.config.hosts[0].addr;
-        let start = Instant::now();
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "zz-hostd did not listen; see {}",
-                hostd_log.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        for (entry, log) in dep.config.hosts.iter().zip(&hostd_logs) {
+            let start = Instant::now();
+            while TcpStream::connect_timeout(&entry.addr, Duration::from_millis(200)).is_err() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "zz-hostd did not listen; see {}",
+                    log.display()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         let mut cluster = LocalCluster::new(&bins.join("zz-agreement"), dep.clone(), vec![]);
         cluster
@@ -167,13 +195,19 @@ impl System {
         System {
             dep,
             cluster,
-            hostd: Some(hostd),
-            hostd_log,
+            hostds,
+            hostd_logs,
+            hosts: s.hosts,
         }
     }
 
+    /// The logs of every host agent, one after the other.
     fn hostd_log(&self) -> String {
-        std::fs::read_to_string(&self.hostd_log).unwrap_or_default()
+        self.hostd_logs
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     fn replica_log(&self, id: u32) -> String {
@@ -181,10 +215,10 @@ impl System {
     }
 
     fn executor_log(&self, app: u32, index: u32) -> String {
-        let p = self
-            .dep
-            .dir
-            .join(format!("data/host-h0/logs/exec-a{app}-e{index}.log"));
+        let p = self.dep.dir.join(format!(
+            "data/host-h{}/logs/exec-a{app}-e{index}.log",
+            index as usize % self.hosts
+        ));
         std::fs::read_to_string(p).unwrap_or_default()
     }
 
@@ -207,7 +241,7 @@ impl System {
 
 impl Drop for System {
     fn drop(&mut self) {
-        if let Some(mut child) = self.hostd.take() {
+        for mut child in self.hostds.drain(..) {
             let _ = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
                 .status();
@@ -576,6 +610,7 @@ fn scenario(f: usize, faults: &[(u32, u32, &str)]) -> Scenario {
         clients: 3,
         ops_per_client: 40,
         preload_values: 0,
+        hosts: 1,
     }
 }
 
@@ -704,6 +739,43 @@ fn f2_byzantine_page_server_is_excluded() {
         assert!(
             log.contains("recovery complete"),
             "the woken replica completes recovery from the honest peer:\n{log}"
+        );
+    });
+}
+
+#[test]
+fn f1_recovery_fetches_from_peers_on_other_hosts() {
+    // Three host agents, one execution replica each: the woken replica 2
+    // (host h2) has no peer on its own host, so every page it fetches comes
+    // through the link between host agents.
+    let mut s = scenario(1, &[(1, 0, "wrong_replies_from=20")]);
+    s.hosts = 3;
+    s.preload_values = 16;
+    run_then(s, |sys| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut log = sys.executor_log(1, 2);
+        while !log.contains("recovery complete") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            log = sys.executor_log(1, 2);
+        }
+        let line = log
+            .lines()
+            .find(|l| l.contains("recovery complete"))
+            .unwrap_or_else(|| panic!("the woken replica completes its recovery:\n{log}"));
+        let fetched: u64 = line
+            .split("fetched=")
+            .nth(1)
+            .and_then(|v| v.split(' ').next())
+            .and_then(|v| v.parse().ok())
+            .expect("the recovery line counts fetched pages");
+        assert!(
+            fetched > 0,
+            "the woken replica fetched pages from another host: {line}"
+        );
+        let hostd = sys.hostd_log();
+        assert!(
+            hostd.contains("linked to host agent") && hostd.contains("host agent linked"),
+            "host agents link to each other:\n{hostd}"
         );
     });
 }

@@ -370,6 +370,16 @@ pub enum Frame {
     Operator(crate::operator::OperatorSigned),
     /// A daemon's answer to [`Frame::Operator`].
     OperatorAck(crate::operator::OperatorAck),
+    /// First frame of a link from one host agent to another: the sender's
+    /// host name. Unauthenticated: the link only carries [`Frame::Fetch`],
+    /// whose contents the recipients verify themselves.
+    HostPeer {
+        host: String,
+    },
+    /// State-fetch traffic between execution replicas on different hosts,
+    /// relayed by their host agents: an encoded executor link frame, opaque
+    /// to this crate (its type lives in `zz-executor`).
+    Fetch(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 #[cfg(test)]
