@@ -31,6 +31,17 @@ impl HostBackend {
         }
     }
 
+    /// The end of a VM replica's console log (why its guest stopped, if it
+    /// did); `None` on the process backend or without a log.
+    pub fn console_tail(&self, exec: ExecId, lines: usize) -> Option<String> {
+        let HostBackend::Libvirt(b) = self else {
+            return None;
+        };
+        let text = std::fs::read_to_string(b.console_log(exec)?).ok()?;
+        let all: Vec<&str> = text.lines().collect();
+        Some(all[all.len().saturating_sub(lines)..].join("\n"))
+    }
+
     fn inner(&mut self) -> &mut dyn ReplicaLifecycle {
         match self {
             HostBackend::Process(b) => b,

@@ -619,7 +619,7 @@ pub async fn start(opts: HostdOptions) -> Result<Hostd, HostdError> {
         .await
         .map_err(|e| HostdError::Internal(e.to_string()))??;
         if on_vms {
-            crate::hostd_vm::wait_booted(&guest_ready, &opts.vm, &logs).await?;
+            crate::hostd_vm::wait_booted(&sleeper, &guest_ready, &modes, &opts.vm, &logs).await?;
         }
         crate::hostd_vm::sleep_when_ready(&sleeper, started, &guest_ready, &modes, &opts.vm, &logs)
             .await?;

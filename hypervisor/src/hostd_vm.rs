@@ -201,18 +201,96 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How many times in all a guest that stops before it answers is started
+/// (at boot) or rebuilt (after a reimage) before the host agent gives up on
+/// it.
+const BOOT_ATTEMPTS: u32 = 3;
+
+/// Waits for `exec`'s guest to answer the handshake (its count above
+/// `seen`), at most `timeout` per attempt. A guest that stops before it
+/// answers (its executor failed to start and powered the VM off) has the end
+/// of its console log written to this log, and is started again with
+/// `retry` (`Wake` restarts it with its state, `Reimage` rebuilds it), up to
+/// [`BOOT_ATTEMPTS`] in all. Whether it answered.
+pub async fn await_guest(
+    backend: &Arc<Mutex<HostBackend>>,
+    exec: ExecId,
+    ready: &GuestReady,
+    mut seen: u64,
+    timeout: Duration,
+    retry: HostAction,
+    mode: DormantMode,
+) -> Result<bool, HostdError> {
+    let internal = |e: tokio::task::JoinError| HostdError::Internal(e.to_string());
+    let mut attempt = 1;
+    let mut deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if ready
+            .wait_above(exec, seen, Duration::from_millis(500))
+            .await
+        {
+            return Ok(true);
+        }
+        let b = backend.clone();
+        let (state, console) = tokio::task::spawn_blocking(move || {
+            let mut b = lock(&b);
+            let state = b.state(exec);
+            let console = b.console_tail(exec, 20);
+            (state, console)
+        })
+        .await
+        .map_err(internal)?;
+        let stopped = matches!(
+            state,
+            Ok(ReplicaState::Exited { .. } | ReplicaState::Crashed { .. })
+        );
+        if stopped {
+            tracing::warn!(%exec, state = ?state, attempt,
+                console = console.as_deref().unwrap_or("(no console log)"),
+                "guest stopped before it answered");
+            if attempt >= BOOT_ATTEMPTS {
+                return Ok(false);
+            }
+            attempt += 1;
+            seen = ready.count(exec);
+            let b = backend.clone();
+            tokio::task::spawn_blocking(move || carry_out(&mut *lock(&b), exec, retry, mode))
+                .await
+                .map_err(internal)??;
+            deadline = tokio::time::Instant::now() + timeout;
+            continue;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+    }
+}
+
 /// Waits until every VM of `logs` (all of this host's) has booted and
 /// answered the handshake, so agreement replicas are accepted (the host
 /// agent listens) only once every replica can execute: a first order sent
 /// to a VM still booting would time out and wake a dormant replica for
 /// nothing.
 pub async fn wait_booted(
+    backend: &Arc<Mutex<HostBackend>>,
     ready: &GuestReady,
+    modes: &crate::lifecycle::DormantModes,
     vm: &VmOptions,
     logs: &HashMap<ExecId, PathBuf>,
 ) -> Result<(), HostdError> {
     for (exec, log) in logs {
-        if !ready.wait_above(*exec, 0, vm.boot_timeout).await {
+        let mode = modes.of(exec.app);
+        if !await_guest(
+            backend,
+            *exec,
+            ready,
+            0,
+            vm.boot_timeout,
+            HostAction::Wake,
+            mode,
+        )
+        .await?
+        {
             return Err(HostdError::GuestTimeout {
                 path: PathBuf::from(exec.to_string()),
                 log: log.clone(),
@@ -234,7 +312,18 @@ pub async fn sleep_when_ready(
     logs: &HashMap<ExecId, PathBuf>,
 ) -> Result<(), HostdError> {
     for exec in execs {
-        if !ready.wait_above(exec, 0, vm.boot_timeout).await {
+        let mode = modes.of(exec.app);
+        if !await_guest(
+            backend,
+            exec,
+            ready,
+            0,
+            vm.boot_timeout,
+            HostAction::Wake,
+            mode,
+        )
+        .await?
+        {
             return Err(HostdError::GuestTimeout {
                 path: PathBuf::from(exec.to_string()),
                 log: logs.get(&exec).cloned().unwrap_or_default(),
@@ -242,7 +331,6 @@ pub async fn sleep_when_ready(
             });
         }
         let b = backend.clone();
-        let mode = modes.of(exec.app);
         let state = tokio::task::spawn_blocking(move || {
             carry_out(&mut *lock(&b), exec, HostAction::Sleep, mode)
         })
@@ -253,60 +341,33 @@ pub async fn sleep_when_ready(
     Ok(())
 }
 
-/// How often a rebuilt guest that stops during its boot is rebuilt again
-/// before the host agent gives up on it (it then stays dormant and stopped;
-/// the agreement cluster's next Reimage tries again).
-const REBUILD_ATTEMPTS: u32 = 3;
-
 /// After a reimage: waits for the rebuilt guest's handshake (count above
-/// `seen`), then puts it to sleep. A guest that stops before it answers (its
-/// executor failed to start: the console log says why) is rebuilt again, up
-/// to [`REBUILD_ATTEMPTS`] times in all, rather than waited on until the boot
-/// timeout.
+/// `seen`; a guest that stops first is rebuilt again, see [`await_guest`]),
+/// then puts it to sleep.
 pub async fn sleep_after_boot(
     backend: &Arc<Mutex<HostBackend>>,
     exec: ExecId,
     ready: &GuestReady,
-    mut seen: u64,
+    seen: u64,
     mode: DormantMode,
 ) -> Result<Result<ReplicaState, LifecycleError>, tokio::task::JoinError> {
     let timeout = VmOptions::default().boot_timeout;
-    let mut attempt = 1;
-    let mut deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if ready
-            .wait_above(exec, seen, Duration::from_millis(500))
-            .await
-        {
-            break;
+    match await_guest(
+        backend,
+        exec,
+        ready,
+        seen,
+        timeout,
+        HostAction::Reimage,
+        mode,
+    )
+    .await
+    {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(%exec, "rebuilt guest did not answer; putting it to sleep anyway")
         }
-        let b = backend.clone();
-        let state = tokio::task::spawn_blocking(move || lock(&b).state(exec)).await?;
-        let stopped = matches!(
-            state,
-            Ok(ReplicaState::Exited { .. } | ReplicaState::Crashed { .. })
-        );
-        if stopped && attempt < REBUILD_ATTEMPTS {
-            attempt += 1;
-            tracing::warn!(%exec, state = ?state, attempt,
-                "rebuilt guest stopped before it answered (see its console log); rebuilding it again");
-            seen = ready.count(exec);
-            let b = backend.clone();
-            let rebuilt = tokio::task::spawn_blocking(move || {
-                carry_out(&mut *lock(&b), exec, HostAction::Reimage, mode)
-            })
-            .await?;
-            if let Err(e) = rebuilt {
-                return Ok(Err(e));
-            }
-            deadline = tokio::time::Instant::now() + timeout;
-            continue;
-        }
-        if stopped || tokio::time::Instant::now() >= deadline {
-            tracing::warn!(%exec, state = ?state, attempt,
-                "rebuilt guest did not answer; putting it to sleep anyway");
-            break;
-        }
+        Err(e) => tracing::warn!(%exec, error = %e, "rebuilding the guest failed"),
     }
     let b = backend.clone();
     tokio::task::spawn_blocking(move || carry_out(&mut *lock(&b), exec, HostAction::Sleep, mode))

@@ -420,6 +420,11 @@ impl LibvirtBackend {
         self.cfg.domain_name(exec)
     }
 
+    /// Where a replica's serial console is logged, if it is.
+    pub fn console_log(&self, exec: ExecId) -> Option<PathBuf> {
+        self.vms.get(&exec).and_then(|vm| vm.spec.log.clone())
+    }
+
     fn conn(&mut self) -> Result<&Connect, LibvirtError> {
         let alive = self
             .conn
