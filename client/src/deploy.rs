@@ -133,16 +133,87 @@ impl Deployment {
 
 /// Finds `count` distinct free TCP ports on `host`. The ports are free when
 /// this returns; another process could still take one before it is bound.
+///
+/// Ports come from below the kernel's ephemeral range when there is room
+/// there (see [`fixed_port_range`]): a port the kernel may hand out on its
+/// own, as the source port of any outgoing connection or to a `bind(0)`,
+/// can be taken while a daemon restarts, and the daemon then cannot listen
+/// on its configured address again.
 pub fn free_addrs(host: IpAddr, count: usize) -> Result<Vec<SocketAddr>, DeployError> {
-    let listeners = (0..count)
-        .map(|_| TcpListener::bind(SocketAddr::new(host, 0)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| DeployError::Ports { host, source })?;
-    listeners
-        .iter()
-        .map(|l| l.local_addr())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| DeployError::Ports { host, source })
+    free_addrs_avoiding(host, count, &[])
+}
+
+/// As [`free_addrs`], but never one of `taken`: addresses already written
+/// into a deployment whose daemons are not running yet are free to the
+/// kernel, which could hand them out again.
+pub fn free_addrs_avoiding(
+    host: IpAddr,
+    count: usize,
+    taken: &[SocketAddr],
+) -> Result<Vec<SocketAddr>, DeployError> {
+    let ports = |source| DeployError::Ports { host, source };
+    // Every listener stays open until all are chosen, so no port is chosen
+    // twice; one in `taken` is skipped.
+    let mut held = Vec::new();
+    let mut chosen = Vec::with_capacity(count);
+    if let Some((lo, hi)) = fixed_port_range() {
+        let span = u32::from(hi - lo) + 1;
+        // A random start, so concurrent deployments rarely probe the same
+        // ports.
+        let start = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            (h.finish() % u64::from(span)) as u32
+        };
+        for k in 0..span {
+            if chosen.len() == count {
+                break;
+            }
+            let port = lo + ((start + k) % span) as u16;
+            let a = SocketAddr::new(host, port);
+            if taken.contains(&a) {
+                continue;
+            }
+            if let Ok(l) = TcpListener::bind(a) {
+                chosen.push(a);
+                held.push(l);
+            }
+        }
+        if chosen.len() == count {
+            return Ok(chosen);
+        }
+    }
+    // No room below the ephemeral range: let the kernel choose.
+    while chosen.len() < count {
+        if held.len() > count + taken.len() + 64 {
+            return Err(ports(std::io::Error::new(
+                std::io::ErrorKind::AddrNotAvailable,
+                "the kernel keeps returning ports that are already taken",
+            )));
+        }
+        let l = TcpListener::bind(SocketAddr::new(host, 0)).map_err(ports)?;
+        let a = l.local_addr().map_err(ports)?;
+        if !taken.contains(&a) && !chosen.contains(&a) {
+            chosen.push(a);
+        }
+        held.push(l);
+    }
+    Ok(chosen)
+}
+
+/// The lowest port [`free_addrs`] hands out: above the well-known and most
+/// registered service ports.
+const FIXED_PORTS_FLOOR: u16 = 10_000;
+
+/// Ports from [`FIXED_PORTS_FLOOR`] up to just below the kernel's ephemeral
+/// range (`net.ipv4.ip_local_port_range`, 32768-60999 by default), or
+/// `None` when that leaves fewer than 1,000 ports.
+pub fn fixed_port_range() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let ephemeral_lo: u16 = text.split_whitespace().next()?.parse().ok()?;
+    let hi = ephemeral_lo.checked_sub(1)?;
+    (hi >= FIXED_PORTS_FLOOR + 1000).then_some((FIXED_PORTS_FLOOR, hi))
 }
 
 fn create_dir(path: &Path, mode: u32) -> Result<(), DeployError> {
@@ -472,6 +543,33 @@ fn hex_public(key: &KeyPair) -> String {
 mod tests {
     use super::*;
     use zz_wire::config::ReplicaKeys;
+
+    #[test]
+    fn free_addresses_are_distinct_and_avoid_the_taken_ones() {
+        let host: IpAddr = "127.0.0.1".parse().unwrap();
+        // Ports just released are the ones the kernel is most likely to
+        // hand out again.
+        let taken = free_addrs(host, 40).unwrap();
+        for _ in 0..20 {
+            let got = free_addrs_avoiding(host, 40, &taken).unwrap();
+            let distinct: std::collections::HashSet<_> = got.iter().collect();
+            assert_eq!(distinct.len(), 40, "{got:?}");
+            assert!(got.iter().all(|a| !taken.contains(a)), "{got:?}");
+        }
+        // A deployment's own addresses are what later allocations avoid.
+        let dir = tempfile::tempdir().unwrap();
+        let d = write_local(dir.path(), &DeployOptions::default()).unwrap();
+        let listen = d.config.listen_addrs();
+        assert_eq!(listen.len(), 8, "4 replicas with metrics: {listen:?}");
+        let more = free_addrs_avoiding(host, 8, &listen).unwrap();
+        assert!(more.iter().all(|a| !listen.contains(a)));
+        // Below the ephemeral range, where the kernel never picks a port.
+        if let Some((lo, hi)) = fixed_port_range() {
+            for a in listen.iter().chain(&more).chain(&taken) {
+                assert!((lo..=hi).contains(&a.port()), "{a} is outside {lo}-{hi}");
+            }
+        }
+    }
 
     #[test]
     fn written_deployment_loads_with_private_keys() {

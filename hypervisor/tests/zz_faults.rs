@@ -26,7 +26,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use zz_client::deploy::{free_addrs, write_local, DeployOptions, Deployment, LocalCluster};
+use zz_client::deploy::{
+    free_addrs_avoiding, write_local, DeployOptions, Deployment, LocalCluster,
+};
 use zz_client::{executor_mac_keys, ClientOptions, Cluster};
 use zz_executor::{KvOp, KvResult};
 use zz_wire::config::{write_key_file, AppEntry, ClusterConfig, ExecutorEntry, HostEntry};
@@ -92,7 +94,8 @@ fn deployment(dir: &Path, s: &Scenario) -> Deployment {
     };
     let d = write_local(dir, &opts).expect("writing the deployment");
     let mut cfg: ClusterConfig = d.config.clone();
-    let host_addrs = free_addrs("127.0.0.1".parse().unwrap(), s.hosts).unwrap();
+    let host_addrs =
+        free_addrs_avoiding("127.0.0.1".parse().unwrap(), s.hosts, &cfg.listen_addrs()).unwrap();
     for (h, addr) in host_addrs.into_iter().enumerate() {
         cfg.hosts.push(HostEntry {
             name: format!("h{h}"),

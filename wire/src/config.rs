@@ -256,6 +256,20 @@ impl ClusterConfig {
         }
     }
 
+    /// Every address some daemon of this deployment listens on: replica
+    /// and host agent addresses and their metrics endpoints.
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        let replicas = self
+            .replicas
+            .iter()
+            .flat_map(|r| std::iter::once(r.addr).chain(r.metrics_addr));
+        let hosts = self
+            .hosts
+            .iter()
+            .flat_map(|h| std::iter::once(h.addr).chain(h.metrics_addr));
+        replicas.chain(hosts).collect()
+    }
+
     /// Checks everything that can be checked without touching the network.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.f == 0 {

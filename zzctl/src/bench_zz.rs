@@ -46,7 +46,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use zz_client::deploy::{free_addrs, write_local, DeployOptions, Deployment, LocalCluster};
+use zz_client::deploy::{
+    free_addrs_avoiding, write_local, DeployOptions, Deployment, LocalCluster,
+};
 use zz_client::{executor_mac_keys, Client, ClientOptions, Cluster};
 use zz_executor::{KvOp, KvResult};
 use zz_wire::config::{
@@ -110,7 +112,7 @@ pub fn write_deployment(dir: &Path, spec: &SystemSpec) -> Result<Deployment> {
     };
     let d = write_local(dir, &opts).context("writing the deployment")?;
     let mut cfg: ClusterConfig = d.config.clone();
-    let host_addr = free_addrs("127.0.0.1".parse()?, 1)?[0];
+    let host_addr = free_addrs_avoiding("127.0.0.1".parse()?, 1, &cfg.listen_addrs())?[0];
     cfg.hosts.push(HostEntry {
         name: "h0".into(),
         addr: host_addr,

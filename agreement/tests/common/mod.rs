@@ -128,11 +128,25 @@ impl Harness {
             }
             if start.elapsed() > timeout {
                 panic!(
-                    "replica {id}: {name} = {v:?} did not reach the expected value within {timeout:?}; log: {}",
-                    self.cluster.log_path(id).display()
+                    "replica {id}: {name} = {v:?} did not reach the expected value within {timeout:?}; \
+                     last lines of its log {}:\n{}",
+                    self.cluster.log_path(id).display(),
+                    self.log_tail(id, 60)
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last `lines` lines of replica `id`'s log, for failure messages
+    /// (the log goes with the test's temporary directory).
+    pub fn log_tail(&self, id: u32, lines: usize) -> String {
+        match std::fs::read_to_string(self.cluster.log_path(id)) {
+            Ok(log) => {
+                let all: Vec<&str> = log.lines().collect();
+                all[all.len().saturating_sub(lines)..].join("\n")
+            }
+            Err(e) => format!("(cannot read it: {e})"),
         }
     }
 

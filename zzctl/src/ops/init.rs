@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use zz_client::deploy::{free_addrs, write_local, DeployOptions};
+use zz_client::deploy::{free_addrs_avoiding, write_local, DeployOptions};
 use zz_wire::config::{
     write_key_file, AppEntry, ClusterConfig, ExecutorEntry, HostEntry, KNOWN_APP_KINDS,
 };
@@ -184,7 +184,7 @@ pub fn write(a: &InitArgs) -> Result<PathBuf> {
             .into());
         }
         let (addr, metrics) = if local {
-            let p = free_addrs(a.listen, 2)?;
+            let p = free_addrs_avoiding(a.listen, 2, &cfg.listen_addrs())?;
             (p[0], Some(p[1]))
         } else {
             let addr = remote_addr(spec)?.ok_or_else(|| {
