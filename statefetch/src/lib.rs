@@ -34,7 +34,7 @@ pub use recovery::{
     Certificate, Progress, RecoveryConfig, RecoveryError, RecoveryEvent, RecoveryView,
 };
 pub use source::{LocalSource, PageSource};
-pub use store::{PageStore, StoreConfig, StoreError};
+pub use store::{CheckpointTiming, PageStore, StoreConfig, StoreError};
 
 /// Size of one page of application state.
 pub const PAGE_SIZE: usize = 4096;

@@ -308,6 +308,25 @@ struct Inner {
     leases: std::sync::Mutex<HashMap<Seq, std::time::Instant>>,
     /// Pages read since each recent checkpoint (see [`PageStore::reads_since`]).
     reads: std::sync::Mutex<ReadLog>,
+    /// Where the time of the last checkpoint went (see
+    /// [`PageStore::last_checkpoint_timing`]).
+    timing: std::sync::Mutex<CheckpointTiming>,
+}
+
+/// Where the time of one [`PageStore::checkpoint`] went, in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointTiming {
+    /// Leaf hashes of the dirty pages and the Merkle tree update.
+    pub tree_us: u64,
+    /// Writing the journal entry and checkpoint record (one sled batch) and
+    /// releasing checkpoints beyond the bound.
+    pub apply_us: u64,
+    /// `sled::Db::flush`: everything written since the last flush, durable.
+    pub flush_us: u64,
+    /// Rewriting the leaf snapshot, when the journal outgrew it.
+    pub compact_us: u64,
+    /// Dirty pages the checkpoint covered.
+    pub dirty_pages: u64,
 }
 
 /// Application pages with copy-on-write checkpoints. Cheap to clone (shared).
@@ -387,6 +406,7 @@ impl PageStore {
                 },
                 leases: std::sync::Mutex::new(HashMap::new()),
                 reads: std::sync::Mutex::new(reads),
+                timing: std::sync::Mutex::new(CheckpointTiming::default()),
             }),
         })
     }
@@ -549,6 +569,9 @@ impl PageStore {
     /// durable when this returns. Retaining more than `max_checkpoints`
     /// releases the oldest.
     pub fn checkpoint(&self, seq: Seq) -> Result<Digest, StoreError> {
+        let started = std::time::Instant::now();
+        let tree_done;
+        let dirty_pages;
         let mut release_after = Vec::new();
         let root = {
             let mut st = self.write_state()?;
@@ -565,6 +588,7 @@ impl PageStore {
                 .unwrap_or_default();
             dirty.extend(n_latest..n);
             let leaves = self.leaves_of_current(&st, &dirty)?;
+            dirty_pages = leaves.len() as u64;
 
             // Update the tree in place, keeping the old value of every changed
             // node: that is the previous checkpoint's copy-on-write version.
@@ -581,6 +605,7 @@ impl PageStore {
                 num_pages: n,
             };
             st.tree = tree;
+            tree_done = std::time::Instant::now();
             if let Err(e) = updated {
                 st.poisoned = true;
                 return Err(StoreError::Corrupt(format!("tree update: {e}")));
@@ -659,10 +684,22 @@ impl PageStore {
         for s in release_after {
             self.release(s)?;
         }
+        let applied = std::time::Instant::now();
         // Flush outside the lock: readers need not wait for the disk. The
         // caller may only announce the checkpoint after this returns.
         self.inner.db.flush()?;
+        let flushed = std::time::Instant::now();
         self.maybe_compact()?;
+        let us = |d: std::time::Duration| d.as_micros() as u64;
+        if let Ok(mut t) = self.inner.timing.lock() {
+            *t = CheckpointTiming {
+                tree_us: us(tree_done - started),
+                apply_us: us(applied - tree_done),
+                flush_us: us(flushed - applied),
+                compact_us: us(flushed.elapsed()),
+                dirty_pages,
+            };
+        }
         Ok(root)
     }
 
@@ -760,6 +797,11 @@ impl PageStore {
     /// A retained checkpoint.
     pub fn checkpoint_info(&self, seq: Seq) -> Result<CheckpointInfo, StoreError> {
         Ok(self.read_state()?.ckpt(seq)?.info)
+    }
+
+    /// Where the time of the last completed [`PageStore::checkpoint`] went.
+    pub fn last_checkpoint_timing(&self) -> CheckpointTiming {
+        self.inner.timing.lock().map(|t| *t).unwrap_or_default()
     }
 
     /// The latest checkpoint, if any.
