@@ -64,7 +64,7 @@ use zz_wire::exec::{ExecCheckpointCert, ExecEnvelope, ExecId};
 use zz_wire::frame::FrameDecoder;
 
 use crate::app::AppSpec;
-use crate::link::{FetchBody, FetchFrame, LinkFrame, MAX_LINK_FRAME};
+use crate::link::{FetchBody, FetchCheck, FetchKeys, LinkFrame, MAX_LINK_FRAME};
 use crate::pages::{RecoveringState, StateBackend};
 use crate::replica::{CoreError, ExecParams, ExecutionCore, Ready};
 
@@ -163,6 +163,9 @@ pub struct ExecutorStats {
     pub envelopes_rejected: AtomicU64,
     pub fetch_served: AtomicU64,
     pub fetch_requested: AtomicU64,
+    /// Fetch frames dropped for a missing or wrong MAC, or from a replica
+    /// that is not a peer.
+    pub fetch_forged: AtomicU64,
     pub recoveries: AtomicU64,
 }
 
@@ -174,7 +177,8 @@ type Waiters = Mutex<HashMap<u64, (ExecId, oneshot::Sender<Response>)>>;
 
 /// What the reader, the writer, the core and the page sources share.
 struct Link {
-    me: ExecId,
+    /// Seals our fetch frames and checks those we receive.
+    fetch_keys: FetchKeys,
     out: mpsc::UnboundedSender<Vec<u8>>,
     waiting: Waiters,
     next_id: AtomicU64,
@@ -184,6 +188,15 @@ struct Link {
 impl Link {
     fn send(&self, frame: &LinkFrame) -> bool {
         self.out.send(frame.to_bytes()).is_ok()
+    }
+
+    /// Sends a fetch frame to `to`, MAC'd for it; false if the stream is
+    /// closed or `to` is no peer of ours.
+    fn send_fetch(&self, to: ExecId, id: u64, body: FetchBody) -> bool {
+        match self.fetch_keys.seal(to, id, body) {
+            Some(ff) => self.send(&LinkFrame::Fetch(ff)),
+            None => false,
+        }
     }
 
     fn waiters(
@@ -226,13 +239,7 @@ impl PageSource for PeerSource {
             link.waiters().insert(id, (self.peer, tx));
             let _guard = Waiting { link, id };
             inc(&link.stats.fetch_requested);
-            let frame = LinkFrame::Fetch(FetchFrame {
-                from: link.me,
-                to: self.peer,
-                id,
-                body: FetchBody::Request(request),
-            });
-            if !link.send(&frame) {
+            if !link.send_fetch(self.peer, id, FetchBody::Request(request)) {
                 return Err(FetchError::Closed);
             }
             match tokio::time::timeout(self.timeout, rx).await {
@@ -318,7 +325,7 @@ pub async fn run_with_stats(
         }
     });
     let link = Arc::new(Link {
-        me,
+        fetch_keys: FetchKeys::new(me, &cfg.params.key, &cfg.params.exec_keys),
         out: out_tx,
         waiting: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
@@ -398,6 +405,7 @@ pub async fn run_with_stats(
         frames_bad = stats.frames_bad.load(Ordering::Relaxed),
         rejected = stats.envelopes_rejected.load(Ordering::Relaxed),
         served = stats.fetch_served.load(Ordering::Relaxed),
+        fetch_forged = stats.fetch_forged.load(Ordering::Relaxed),
         recoveries = stats.recoveries.load(Ordering::Relaxed),
         "executor stopped"
     );
@@ -470,76 +478,108 @@ async fn read_loop(
                     Err(std_mpsc::TrySendError::Full(_)) => inc(&stats.frames_dropped),
                     Err(std_mpsc::TrySendError::Disconnected(_)) => return,
                 },
-                LinkFrame::Fetch(ff) if ff.to != link.me => {
-                    tracing::debug!(to = %ff.to, "fetch frame for another replica");
-                    inc(&stats.frames_bad);
-                }
-                LinkFrame::Fetch(FetchFrame {
-                    from,
-                    id,
-                    body: FetchBody::Request(req),
-                    ..
-                }) => {
-                    let Ok(permit) = serving.clone().try_acquire_owned() else {
-                        // Busy: refuse rather than queue without bound.
-                        link.send(&LinkFrame::Fetch(FetchFrame {
-                            from: link.me,
-                            to: from,
-                            id,
-                            body: FetchBody::Response(Response::Refused {
-                                kind: proto::RefusalKind::Internal,
-                                detail: "busy".into(),
-                            }),
-                        }));
-                        continue;
-                    };
-                    let (store, link) = (store.clone(), link.clone());
-                    tokio::spawn(async move {
-                        let mut resp = tokio::task::spawn_blocking(move || {
-                            proto::handle(&store, &Limits::default(), req)
-                        })
-                        .await
-                        .unwrap_or_else(|e| Response::Refused {
-                            kind: proto::RefusalKind::Internal,
-                            detail: e.to_string(),
-                        });
-                        if lie_pages {
-                            crate::fault::corrupt_served_pages(&mut resp);
-                        }
-                        if !serve_delay.is_zero() {
-                            tokio::time::sleep(serve_delay).await;
-                        }
-                        drop(permit);
-                        inc(&link.stats.fetch_served);
-                        link.send(&LinkFrame::Fetch(FetchFrame {
-                            from: link.me,
-                            to: from,
-                            id,
-                            body: FetchBody::Response(resp),
-                        }));
-                    });
-                }
-                LinkFrame::Fetch(FetchFrame {
-                    from,
-                    id,
-                    body: FetchBody::Response(resp),
-                    ..
-                }) => {
-                    let mut w = link.waiters();
-                    match w.get(&id) {
-                        Some((peer, _)) if *peer == from => {
-                            if let Some((_, tx)) = w.remove(&id) {
-                                let _ = tx.send(resp);
-                            }
-                        }
-                        _ => {
-                            drop(w);
-                            tracing::debug!(%from, id, "unexpected fetch response");
-                            inc(&stats.frames_bad);
-                        }
+                LinkFrame::Fetch(ff) => match link.fetch_keys.check(&ff) {
+                    FetchCheck::Forged(why) => {
+                        // Forged or altered on the way: never served, and
+                        // never held against the replica it names (the fetch
+                        // times out or is hedged to another peer).
+                        tracing::debug!(from = %ff.from, to = %ff.to, why, "fetch frame dropped");
+                        inc(&stats.fetch_forged);
                     }
-                }
+                    FetchCheck::HostRefusal => {
+                        deliver_response(&link, &stats, ff.from, ff.id, ff.body)
+                    }
+                    FetchCheck::Authentic => match ff.body {
+                        FetchBody::Request(req) => serve_fetch(
+                            &link,
+                            &serving,
+                            &store,
+                            (ff.from, ff.id, req),
+                            lie_pages,
+                            serve_delay,
+                        ),
+                        body => deliver_response(&link, &stats, ff.from, ff.id, body),
+                    },
+                },
             }
+        }
+    }
+}
+
+/// Serves a peer's authentic fetch request `(from, id, req)` from `store`,
+/// at most [`SERVE_CONCURRENCY`] at once (refusing more).
+fn serve_fetch(
+    link: &Arc<Link>,
+    serving: &Arc<Semaphore>,
+    store: &PageStore,
+    (from, id, req): (ExecId, u64, Request),
+    lie_pages: bool,
+    serve_delay: Duration,
+) {
+    let Ok(permit) = serving.clone().try_acquire_owned() else {
+        // Busy: refuse rather than queue without bound.
+        link.send_fetch(
+            from,
+            id,
+            FetchBody::Response(Response::Refused {
+                kind: proto::RefusalKind::Internal,
+                detail: "busy".into(),
+            }),
+        );
+        return;
+    };
+    let (store, link) = (store.clone(), link.clone());
+    tokio::spawn(async move {
+        let link2 = link.clone();
+        // Reading the pages and sealing up to a megabyte of them are both
+        // kept off the runtime's threads.
+        let sealed = tokio::task::spawn_blocking(move || {
+            let mut resp = proto::handle(&store, &Limits::default(), req);
+            if lie_pages {
+                crate::fault::corrupt_served_pages(&mut resp);
+            }
+            link2.fetch_keys.seal(from, id, FetchBody::Response(resp))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            link.fetch_keys.seal(
+                from,
+                id,
+                FetchBody::Response(Response::Refused {
+                    kind: proto::RefusalKind::Internal,
+                    detail: e.to_string(),
+                }),
+            )
+        });
+        if !serve_delay.is_zero() {
+            tokio::time::sleep(serve_delay).await;
+        }
+        drop(permit);
+        inc(&link.stats.fetch_served);
+        if let Some(ff) = sealed {
+            link.send(&LinkFrame::Fetch(ff));
+        }
+    });
+}
+
+/// Hands a checked fetch response to the request waiting for it.
+fn deliver_response(link: &Link, stats: &ExecutorStats, from: ExecId, id: u64, body: FetchBody) {
+    let FetchBody::Response(resp) = body else {
+        // A request that passed as a host refusal cannot exist; be safe.
+        inc(&stats.frames_bad);
+        return;
+    };
+    let mut w = link.waiters();
+    match w.get(&id) {
+        Some((peer, _)) if *peer == from => {
+            if let Some((_, tx)) = w.remove(&id) {
+                let _ = tx.send(resp);
+            }
+        }
+        _ => {
+            drop(w);
+            tracing::debug!(%from, id, "unexpected fetch response");
+            inc(&stats.frames_bad);
         }
     }
 }
@@ -847,6 +887,142 @@ fn start_recovery(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::{AppKind, AppSpec};
+    use std::io::{Read, Write};
+    use zz_wire::crypto::KeyPair;
+    use zz_wire::frame::FrameDecoder;
+
+    /// The next fetch frame the executor writes on `host`'s end of its
+    /// stream, or `None` if none comes within `wait`.
+    fn next_fetch(
+        host: &mut std::os::unix::net::UnixStream,
+        buf: &mut bytes::BytesMut,
+        wait: Duration,
+    ) -> Option<crate::link::FetchFrame> {
+        let dec = FrameDecoder::new(MAX_LINK_FRAME);
+        let end = std::time::Instant::now() + wait;
+        loop {
+            while let Some(body) = dec.decode(buf).unwrap() {
+                if let LinkFrame::Fetch(ff) = LinkFrame::decode(&body).unwrap() {
+                    return Some(ff);
+                }
+            }
+            let left = end.checked_duration_since(std::time::Instant::now())?;
+            host.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let mut chunk = [0u8; 65536];
+            match host.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    #[test]
+    fn fetch_frames_without_a_peers_mac_are_dropped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let execs: Vec<KeyPair> = (0..3).map(|_| KeyPair::generate()).collect();
+        let agreement: Vec<KeyPair> = (0..4).map(|_| KeyPair::generate()).collect();
+        let exec_keys: Vec<_> = execs.iter().map(|k| k.public()).collect();
+        let me = ExecId { app: 1, index: 0 };
+        let params = ExecParams::new(
+            1,
+            0,
+            1,
+            execs[0].clone(),
+            exec_keys.clone(),
+            agreement
+                .iter()
+                .map(|a| execs[0].shared_mac_key(&a.public()))
+                .collect(),
+            Default::default(),
+        );
+        let (mut host, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut cfg = ExecutorConfig::new(
+            params,
+            AppSpec {
+                kind: AppKind::Kv,
+                cpu_rounds: 0,
+            },
+            dir.path().join("state"),
+            dir.path().join("unused.sock"),
+        );
+        cfg.stream = Some(theirs);
+        let stats = Arc::new(ExecutorStats::default());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let running = rt.spawn(run_with_stats(cfg, stats.clone()));
+
+        // Replica 1 of the app, as a peer and as a forger.
+        let peer = FetchKeys::new(ExecId { app: 1, index: 1 }, &execs[1], &exec_keys);
+        let send = |host: &mut std::os::unix::net::UnixStream, ff| {
+            host.write_all(&LinkFrame::Fetch(ff).to_bytes()).unwrap();
+        };
+        let mut buf = bytes::BytesMut::new();
+        // A request with a MAC made with another key, one without a MAC,
+        // and one from a replica of another app: none is answered.
+        let outsider = FetchKeys::new(
+            ExecId { app: 1, index: 1 },
+            &KeyPair::generate(),
+            &exec_keys,
+        );
+        let wrong_key = outsider
+            .seal(me, 1, FetchBody::Request(Request::Info))
+            .unwrap();
+        let mut no_mac = wrong_key.clone();
+        no_mac.id = 2;
+        no_mac.mac = None;
+        let mut other_app = peer.seal(me, 3, FetchBody::Request(Request::Info)).unwrap();
+        other_app.from = ExecId { app: 2, index: 1 };
+        // An unMAC'd response that would blame a peer, for no request.
+        let blame = crate::link::FetchFrame {
+            from: ExecId { app: 1, index: 2 },
+            to: me,
+            id: 4,
+            body: FetchBody::Response(Response::Refused {
+                kind: proto::RefusalKind::RootMismatch,
+                detail: "forged".into(),
+            }),
+            mac: None,
+        };
+        for ff in [wrong_key, no_mac, other_app, blame] {
+            send(&mut host, ff);
+        }
+        assert_eq!(
+            next_fetch(&mut host, &mut buf, Duration::from_millis(500)),
+            None,
+            "a forged request was answered"
+        );
+        assert_eq!(stats.fetch_forged.load(Ordering::Relaxed), 4);
+        assert_eq!(stats.fetch_served.load(Ordering::Relaxed), 0);
+
+        // The peer's own request is served, and the answer is MAC'd for it.
+        send(
+            &mut host,
+            peer.seal(me, 5, FetchBody::Request(Request::Info)).unwrap(),
+        );
+        let answer = next_fetch(&mut host, &mut buf, Duration::from_secs(10))
+            .expect("the peer's request is answered");
+        let peer_id = ExecId { app: 1, index: 1 };
+        assert_eq!((answer.from, answer.to, answer.id), (me, peer_id, 5));
+        assert!(matches!(
+            answer.body,
+            FetchBody::Response(Response::Info(_))
+        ));
+        assert_eq!(peer.check(&answer), crate::link::FetchCheck::Authentic);
+        assert_eq!(stats.fetch_forged.load(Ordering::Relaxed), 4);
+
+        drop(host);
+        let exit = rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(10), running).await })
+            .expect("the executor stops when its stream closes")
+            .unwrap();
+        assert!(matches!(exit, Ok(Exit::StreamClosed)), "{exit:?}");
+    }
 
     #[test]
     fn an_interrupted_recovery_leaves_a_mark_that_empties_the_store_at_start() {

@@ -12,16 +12,24 @@
 //!   routed `ToExecutor { to }`, outbound ones `ToAgreement { from, to }`.
 //! - [`LinkFrame::Fetch`]: state-fetch traffic (DESIGN §5) between two
 //!   execution replicas of one app, addressed by [`ExecId`] and matched by a
-//!   request id; the host agent relays it to the target's stream. Nothing in
-//!   it is trusted: a recovering replica verifies every page and tree node
-//!   against the certified root (`zz-statefetch` does this), so neither the
-//!   host agent nor a lying peer can make it accept a wrong page. A host agent
-//!   that cannot reach the target answers a request itself with a
-//!   [`Response::Refused`], so the fetcher moves on to another peer at once.
+//!   request id; the host agent relays it to the target's stream, through
+//!   other host agents when the target is on another server. A recovering
+//!   replica verifies every page and tree node against the certified root
+//!   (`zz-statefetch` does this), so no relay and no lying peer can make it
+//!   accept a wrong page. Each frame also carries a MAC with the two
+//!   replicas' pairwise key ([`FetchKeys`]), so that a wrong page is blamed on
+//!   the replica that sent it and never on one whose answer a relay forged or
+//!   altered, and so that a replica serves its state only to its app's peers.
+//!   A host agent that cannot reach the target answers a request itself with
+//!   an unMAC'd [`RefusalKind::Internal`] refusal, so the fetcher moves on to
+//!   another peer at once; that is the only frame accepted without a MAC, and
+//!   it never counts against a peer.
 
+use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 use zz_statefetch::proto::RefusalKind;
 use zz_statefetch::{Request, Response};
+use zz_wire::crypto::{KeyPair, Mac, MacKey};
 use zz_wire::exec::{ExecEnvelope, ExecId};
 
 /// Largest frame on an executor's stream: a batch of pages with proofs, or
@@ -45,6 +53,21 @@ pub struct FetchFrame {
     /// Chosen by the requester; the response carries the same id.
     pub id: u64,
     pub body: FetchBody,
+    /// MAC of the other fields with the pairwise key of `from` and `to`
+    /// (see [`FetchKeys`]); `None` only in a host agent's refusal.
+    pub mac: Option<Mac>,
+}
+
+/// Separates fetch-frame MACs from any other use of the pairwise keys.
+const FETCH_MAC_DOMAIN: &[u8] = b"zz fetch frame v1\0";
+
+/// What a fetch frame's MAC covers.
+#[derive(Serialize)]
+struct MacInput<'a> {
+    from: ExecId,
+    to: ExecId,
+    id: u64,
+    body: &'a FetchBody,
 }
 
 /// The payload of a [`FetchFrame`].
@@ -67,10 +90,118 @@ impl FetchFrame {
                     kind: RefusalKind::Internal,
                     detail: format!("{} unreachable: {why}", self.to),
                 }),
+                mac: None,
             }),
             FetchBody::Response(_) => None,
         }
     }
+
+    fn mac_with(&self, key: &MacKey) -> Mac {
+        key.mac_parts(&[FETCH_MAC_DOMAIN, &mac_input(self)])
+    }
+
+    /// A host agent's refusal: the one frame that carries no MAC.
+    fn is_host_refusal(&self) -> bool {
+        matches!(
+            self.body,
+            FetchBody::Response(Response::Refused {
+                kind: RefusalKind::Internal,
+                ..
+            })
+        )
+    }
+}
+
+/// The MAC keys one execution replica shares with each replica of its app,
+/// for sealing and checking fetch frames end to end.
+pub struct FetchKeys {
+    me: ExecId,
+    /// By replica index; `None` at our own.
+    peers: Vec<Option<MacKey>>,
+}
+
+impl std::fmt::Debug for FetchKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FetchKeys")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`FetchKeys::check`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FetchCheck {
+    /// Sent by `from`, unaltered.
+    Authentic,
+    /// A host agent's refusal of our request: move on to another peer, and
+    /// hold nothing against the one named.
+    HostRefusal,
+    /// Not from the replica it names, altered, or not ours: drop it.
+    Forged(&'static str),
+}
+
+impl FetchKeys {
+    /// Derives the pairwise keys of replica `me` (whose key pair is `key`)
+    /// with each of its app's replicas (`exec_keys`, by index).
+    pub fn new(me: ExecId, key: &KeyPair, exec_keys: &[VerifyingKey]) -> FetchKeys {
+        let peers = exec_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (i as u32 != me.index).then(|| key.shared_mac_key(k)))
+            .collect();
+        FetchKeys { me, peers }
+    }
+
+    fn key(&self, peer: ExecId) -> Option<&MacKey> {
+        if peer.app != self.me.app {
+            return None;
+        }
+        self.peers.get(peer.index as usize).and_then(Option::as_ref)
+    }
+
+    /// A frame from us to `to`, MAC'd with our key for it (`None` if `to` is
+    /// not another replica of our app).
+    pub fn seal(&self, to: ExecId, id: u64, body: FetchBody) -> Option<FetchFrame> {
+        let key = self.key(to)?;
+        let mut ff = FetchFrame {
+            from: self.me,
+            to,
+            id,
+            body,
+            mac: None,
+        };
+        ff.mac = Some(ff.mac_with(key));
+        Some(ff)
+    }
+
+    /// Whether `ff`, received on our stream, may be used.
+    pub fn check(&self, ff: &FetchFrame) -> FetchCheck {
+        if ff.to != self.me {
+            return FetchCheck::Forged("addressed to another replica");
+        }
+        if ff.mac.is_none() && ff.is_host_refusal() {
+            return FetchCheck::HostRefusal;
+        }
+        let Some(key) = self.key(ff.from) else {
+            return FetchCheck::Forged("not from a replica of this app");
+        };
+        match &ff.mac {
+            None => FetchCheck::Forged("no MAC"),
+            Some(mac) if key.verify_parts(&[FETCH_MAC_DOMAIN, &mac_input(ff)], mac) => {
+                FetchCheck::Authentic
+            }
+            Some(_) => FetchCheck::Forged("wrong MAC"),
+        }
+    }
+}
+
+fn mac_input(ff: &FetchFrame) -> Vec<u8> {
+    zz_wire::codec::encode(&MacInput {
+        from: ff.from,
+        to: ff.to,
+        id: ff.id,
+        body: &ff.body,
+    })
 }
 
 impl LinkFrame {
@@ -120,6 +251,7 @@ mod tests {
             to: b,
             id: 7,
             body: FetchBody::Request(Request::Info),
+            mac: Some([1; 16]),
         };
         let frames = vec![LinkFrame::Exec(env), LinkFrame::Fetch(req.clone())];
         let mut wire = BytesMut::new();
@@ -139,5 +271,122 @@ mod tests {
             FetchBody::Response(Response::Refused { .. })
         ));
         assert!(refusal.unreachable("x").is_none());
+    }
+
+    /// Key pairs of three replicas of app 1, and each one's fetch keys.
+    fn three_replicas() -> Vec<FetchKeys> {
+        let pairs: Vec<KeyPair> = (0..3).map(|_| KeyPair::generate()).collect();
+        let publics: Vec<VerifyingKey> = pairs.iter().map(|k| k.public()).collect();
+        pairs
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                FetchKeys::new(
+                    ExecId {
+                        app: 1,
+                        index: i as u32,
+                    },
+                    k,
+                    &publics,
+                )
+            })
+            .collect()
+    }
+
+    fn id(index: u32) -> ExecId {
+        ExecId { app: 1, index }
+    }
+
+    fn pages_response() -> FetchBody {
+        FetchBody::Response(Response::Refused {
+            kind: RefusalKind::RootMismatch,
+            detail: "a response a peer would be blamed for".into(),
+        })
+    }
+
+    #[test]
+    fn sealed_frames_check_at_their_target_only() {
+        let keys = three_replicas();
+        let req = keys[0]
+            .seal(id(2), 5, FetchBody::Request(Request::Info))
+            .unwrap();
+        assert_eq!(keys[2].check(&req), FetchCheck::Authentic);
+        // The frame survives the stream encoding with its MAC.
+        let LinkFrame::Fetch(back) =
+            LinkFrame::decode(&zz_wire::codec::encode(&LinkFrame::Fetch(req.clone()))).unwrap()
+        else {
+            panic!("not a fetch frame")
+        };
+        assert_eq!(keys[2].check(&back), FetchCheck::Authentic);
+        // Replica 1 is not its target.
+        assert!(matches!(keys[1].check(&req), FetchCheck::Forged(_)));
+        // No frame to ourselves, to another app, or to an unknown index.
+        assert!(keys[0].seal(id(0), 1, pages_response()).is_none());
+        assert!(keys[0]
+            .seal(ExecId { app: 2, index: 1 }, 1, pages_response())
+            .is_none());
+        assert!(keys[0].seal(id(3), 1, pages_response()).is_none());
+    }
+
+    #[test]
+    fn altered_or_forged_frames_are_refused() {
+        let keys = three_replicas();
+        let resp = keys[1].seal(id(0), 9, pages_response()).unwrap();
+        assert_eq!(keys[0].check(&resp), FetchCheck::Authentic);
+        // A relay changes the body, the id, or who it claims sent it.
+        let mut body = resp.clone();
+        body.body = FetchBody::Response(Response::Refused {
+            kind: RefusalKind::RootMismatch,
+            detail: "altered".into(),
+        });
+        let mut renumbered = resp.clone();
+        renumbered.id = 10;
+        let mut resent = resp.clone();
+        resent.from = id(2);
+        let mut unmacd = resp.clone();
+        unmacd.mac = None;
+        let mut other_app = resp.clone();
+        other_app.from = ExecId { app: 2, index: 1 };
+        for forged in [body, renumbered, resent, unmacd, other_app] {
+            assert!(
+                matches!(keys[0].check(&forged), FetchCheck::Forged(_)),
+                "{forged:?}"
+            );
+        }
+        // Sealed by replica 2 but claiming to come from replica 1.
+        let mut by_two = keys[2].seal(id(0), 9, pages_response()).unwrap();
+        by_two.from = id(1);
+        assert!(matches!(keys[0].check(&by_two), FetchCheck::Forged(_)));
+    }
+
+    #[test]
+    fn only_an_internal_refusal_passes_without_a_mac() {
+        let keys = three_replicas();
+        let req = keys[0]
+            .seal(id(1), 3, FetchBody::Request(Request::Info))
+            .unwrap();
+        let refusal = req.unreachable("not connected").unwrap();
+        assert_eq!(refusal.mac, None);
+        assert_eq!(keys[0].check(&refusal), FetchCheck::HostRefusal);
+        // Without a MAC, a refusal that would count against the peer, a
+        // request, or pages are all refused.
+        let unmacd = |body| FetchFrame {
+            from: id(1),
+            to: id(0),
+            id: 3,
+            body,
+            mac: None,
+        };
+        for body in [
+            pages_response(),
+            FetchBody::Request(Request::Info),
+            FetchBody::Response(Response::Refused {
+                kind: RefusalKind::UnknownCheckpoint,
+                detail: String::new(),
+            }),
+        ] {
+            let f = unmacd(body);
+            assert!(matches!(keys[0].check(&f), FetchCheck::Forged(_)), "{f:?}");
+        }
     }
 }

@@ -284,6 +284,7 @@ mod tests {
             to: ExecId { app: 1, index: to },
             id: 1,
             body: zz_executor::link::FetchBody::Request(Request::Info),
+            mac: Some([7; 16]),
         }
     }
 
