@@ -780,19 +780,42 @@ fn execute(
 ) -> Result<Option<Ready>, DriverError> {
     let before = core.executed();
     let executing = recovering.map(|r| r.view.executing());
+    let (wall, cpu) = (Instant::now(), thread_cpu_time());
     let ready = core.ready()?;
+    let run = RunTime {
+        wall: wall.elapsed(),
+        cpu: thread_cpu_time()
+            .zip(cpu)
+            .map(|(after, before)| after.saturating_sub(before)),
+    };
     drop(executing);
     if send_ready(core, ctx, &ready) {
         return Ok(None);
     }
     if let Some(r) = recovering {
-        log_replay(r, before, core.executed());
+        log_replay(r, before, core.executed(), run);
     }
     Ok(Some(ready))
 }
 
+/// How long one run of execution took, and how much of it this thread
+/// spent on a CPU (the rest it waited: for fetches, locks, the disk, or a
+/// core busy with other processes).
+#[derive(Clone, Copy)]
+struct RunTime {
+    wall: Duration,
+    cpu: Option<Duration>,
+}
+
+/// CPU time of the calling thread so far, where the system reports it.
+fn thread_cpu_time() -> Option<Duration> {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .ok()
+        .map(Duration::from)
+}
+
 /// Logs what executing orders during recovery cost in page fetches.
-fn log_replay(r: &Recovering, before: u64, executed: u64) {
+fn log_replay(r: &Recovering, before: u64, executed: u64, run: RunTime) {
     if executed <= before {
         return;
     }
@@ -800,6 +823,8 @@ fn log_replay(r: &Recovering, before: u64, executed: u64) {
     tracing::info!(
         executed,
         orders = executed - before,
+        run_ms = run.wall.as_millis() as u64,
+        run_cpu_ms = run.cpu.map(|c| c.as_millis() as u64),
         demand_reads = p.demand_reads,
         demand_wait_ms = p.demand_wait_us / 1000,
         reads = p.reads,
