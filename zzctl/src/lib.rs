@@ -26,14 +26,84 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
+/// The daemon executables zzctl starts, with the package that builds each.
+pub const DAEMON_PACKAGES: [(&str, &str); 3] = [
+    ("zz-agreement", "zz-agreement"),
+    ("zz-hostd", "zz-hypervisor"),
+    ("zz-executor", "zz-executor"),
+];
+
+/// The environment variable that points at a daemon: `$ZZ_AGREEMENT_BIN`,
+/// `$ZZ_HOSTD_BIN`, `$ZZ_EXECUTOR_BIN`.
+pub fn daemon_env_var(name: &str) -> String {
+    format!("ZZ_{}_BIN", name.trim_start_matches("zz-").to_uppercase())
+}
+
 /// Finds a zz daemon executable: `explicit` if given, else `$env_var`, else
 /// next to the running zzctl (where cargo puts every binary of the workspace).
+///
+/// Under `cargo run` (which sets `$CARGO` and `$CARGO_MANIFEST_DIR`), a daemon
+/// missing from beside zzctl is built first with zzctl's profile, so that
+/// `cargo run --release -p zzctl -- bench ...` works on a fresh clone: cargo
+/// builds only the binaries of the package it runs.
 pub fn find_daemon(name: &str, explicit: Option<PathBuf>, env_var: &str) -> Result<PathBuf> {
-    if let Some(p) = explicit.or_else(|| std::env::var_os(env_var).map(PathBuf::from)) {
+    let explicit = explicit.or_else(|| std::env::var_os(env_var).map(PathBuf::from));
+    if explicit.is_none() {
+        build_missing_daemons(&[name])?;
+    }
+    locate_daemon(name, explicit, env_var)
+}
+
+/// Builds those of `names` that are not beside zzctl (and not given by their
+/// environment variable), in one `cargo build`, when running under `cargo
+/// run`. Outside cargo it does nothing: [`find_daemon`] then says what to build.
+pub fn build_missing_daemons(names: &[&str]) -> Result<()> {
+    let missing: Vec<(&str, &str)> = DAEMON_PACKAGES
+        .iter()
+        .copied()
+        .filter(|(name, _)| names.contains(name))
+        .filter(|(name, _)| locate_daemon(name, None, &daemon_env_var(name)).is_err())
+        .collect();
+    let (false, Some(cargo), Some(_)) = (
+        missing.is_empty(),
+        std::env::var_os("CARGO"),
+        std::env::var_os("CARGO_MANIFEST_DIR"),
+    ) else {
+        return Ok(());
+    };
+    let exe = std::env::current_exe().context("locating the zzctl executable")?;
+    let release = exe.parent().is_some_and(|d| d.ends_with("release"));
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.arg("build").arg("--bins");
+    if release {
+        cmd.arg("--release");
+    }
+    for (_, pkg) in &missing {
+        cmd.args(["-p", pkg]);
+    }
+    let list: Vec<&str> = missing.iter().map(|(n, _)| *n).collect();
+    eprintln!(
+        "zzctl: building the daemons first ({}); this happens once",
+        list.join(", ")
+    );
+    let st = cmd
+        .status()
+        .context("running cargo build for the daemons")?;
+    if !st.success() {
+        let profile = if release { " --release" } else { "" };
+        bail!("building the daemons failed ({st}); run `cargo build{profile} --bins` and retry");
+    }
+    Ok(())
+}
+
+/// Finds a daemon without building anything.
+fn locate_daemon(name: &str, explicit: Option<PathBuf>, env_var: &str) -> Result<PathBuf> {
+    if let Some(p) = explicit {
         if !p.is_file() {
             bail!(
-                "{name} binary not found at {} (given by --{name}-bin or ${env_var})",
-                p.display()
+                "{name} binary not found at {} (given by --{}-bin or ${env_var})",
+                p.display(),
+                name.trim_start_matches("zz-")
             );
         }
         return Ok(p);
@@ -49,8 +119,12 @@ pub fn find_daemon(name: &str, explicit: Option<PathBuf>, env_var: &str) -> Resu
         } else {
             ""
         };
+        let pkg = DAEMON_PACKAGES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(name, |(_, pkg)| *pkg);
         bail!(
-            "{name} binary not found at {}; build it first with `cargo build{profile} -p zz-agreement`, \
+            "{name} binary not found at {}; build it first with `cargo build{profile} -p {pkg}`, \
              or point ${env_var} at it",
             p.display()
         );

@@ -92,6 +92,19 @@ struct ProgramArgs {
 
 impl ProgramArgs {
     fn programs(&self) -> Result<Programs> {
+        // One cargo build for every missing daemon (under `cargo run`).
+        let unnamed: Vec<&str> = [
+            ("zz-agreement", &self.agreement_bin),
+            ("zz-hostd", &self.hostd_bin),
+            ("zz-executor", &self.executor_bin),
+        ]
+        .into_iter()
+        .filter(|(name, explicit)| {
+            explicit.is_none() && std::env::var_os(zzctl::daemon_env_var(name)).is_none()
+        })
+        .map(|(name, _)| name)
+        .collect();
+        zzctl::build_missing_daemons(&unnamed)?;
         Ok(Programs {
             agreement: find_daemon(
                 "zz-agreement",

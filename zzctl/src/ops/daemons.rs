@@ -35,7 +35,7 @@ use clap::Args;
 use zz_wire::config::ClusterConfig;
 
 use super::{load_config, DirArg, OpsError, CONFIG_FILE};
-use crate::find_daemon;
+use crate::{build_missing_daemons, daemon_env_var, find_daemon, DAEMON_PACKAGES};
 
 #[derive(Args, Debug, Clone)]
 pub struct UpArgs {
@@ -69,59 +69,14 @@ pub struct Daemon {
 }
 
 /// The three daemon programs, found beside `zzctl` (or through
-/// `$ZZ_AGREEMENT_BIN`, `$ZZ_HOSTD_BIN`, `$ZZ_EXECUTOR_BIN`).
-///
-/// Under `cargo run` (which sets `$CARGO` and `$CARGO_MANIFEST_DIR`), missing
-/// daemons are built first with the same profile as `zzctl`, so that
-/// `cargo run --release -p zzctl -- demo` works on a fresh clone: cargo
-/// builds only the binaries of the package it runs.
+/// `$ZZ_AGREEMENT_BIN`, `$ZZ_HOSTD_BIN`, `$ZZ_EXECUTOR_BIN`); under `cargo
+/// run`, missing ones are built first (see [`crate::build_missing_daemons`]).
 pub fn programs() -> Result<std::collections::HashMap<&'static str, PathBuf>> {
-    const DAEMONS: [(&str, &str); 3] = [
-        ("zz-agreement", "zz-agreement"),
-        ("zz-hostd", "zz-hypervisor"),
-        ("zz-executor", "zz-executor"),
-    ];
-    let env_of = |name: &str| format!("ZZ_{}_BIN", name.trim_start_matches("zz-").to_uppercase());
-    let missing: Vec<(&str, &str)> = DAEMONS
-        .iter()
-        .copied()
-        .filter(|(name, _)| find_daemon(name, None, &env_of(name)).is_err())
-        .collect();
-    if let (false, Some(cargo), Some(_)) = (
-        missing.is_empty(),
-        std::env::var_os("CARGO"),
-        std::env::var_os("CARGO_MANIFEST_DIR"),
-    ) {
-        let exe = std::env::current_exe()?;
-        let release = exe.parent().is_some_and(|d| d.ends_with("release"));
-        let mut cmd = Command::new(cargo);
-        cmd.arg("build").arg("--bins");
-        if release {
-            cmd.arg("--release");
-        }
-        for (_, pkg) in &missing {
-            cmd.args(["-p", pkg]);
-        }
-        eprintln!(
-            "zzctl: building the daemons first ({}); this happens once",
-            missing
-                .iter()
-                .map(|(n, _)| *n)
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let st = cmd
-            .status()
-            .context("running cargo build for the daemons")?;
-        if !st.success() {
-            bail!(
-                "building the daemons failed ({st}); run `cargo build --release --bins` and retry"
-            );
-        }
-    }
+    let names = DAEMON_PACKAGES.map(|(name, _)| name);
+    build_missing_daemons(&names)?;
     let mut out = std::collections::HashMap::new();
-    for (name, _) in DAEMONS {
-        out.insert(name, find_daemon(name, None, &env_of(name))?);
+    for name in names {
+        out.insert(name, find_daemon(name, None, &daemon_env_var(name))?);
     }
     Ok(out)
 }
