@@ -206,8 +206,33 @@ pub fn verify_reconfigure(
 struct Returned {
     sent_ms: u64,
     digests: BTreeMap<ExecIndex, Digest>,
-    /// When the order was last re-sent to the replicas that had not answered.
-    retransmitted_ms: u64,
+}
+
+/// What [`Monitor::retransmissions`] asks to re-send.
+#[derive(Debug, Default)]
+pub struct Resends {
+    pub orders: Vec<(ExecIndex, Order)>,
+    /// Replicas to send the stable checkpoint certificate again.
+    pub stable_to: BTreeSet<ExecIndex>,
+}
+
+/// Most orders re-sent to one execution replica at once.
+pub const RESEND_WINDOW: usize = 64;
+/// The wait between re-sends to a replica that does not progress doubles
+/// this many times at most (from half the timeout). Once only: a woken
+/// replica must answer within its allowance even if re-sends are lost, or
+/// it is convicted for being slow.
+pub const RESEND_MAX_BACKOFF: u32 = 1;
+
+/// Re-send pacing for one execution replica (see [`Monitor::retransmissions`]).
+#[derive(Debug, Clone, Copy)]
+struct Resend {
+    /// Its count of answered orders when last looked at.
+    answered: u64,
+    /// No re-send before this.
+    next_ms: u64,
+    /// Doublings of the wait so far.
+    backoff: u32,
 }
 
 /// An agreement replica's local view of one remote app's execution replicas.
@@ -216,6 +241,10 @@ pub struct Monitor {
     /// Orders since the last stable execution checkpoint, for replay.
     pub orders: BTreeMap<AppSeq, Order>,
     returned: BTreeMap<AppSeq, Returned>,
+    /// Orders each execution replica has answered: its progress.
+    answered: BTreeMap<ExecIndex, u64>,
+    /// Re-send pacing per execution replica.
+    resend: BTreeMap<ExecIndex, Resend>,
     /// Smoothed time for the whole active set to answer.
     latency_ewma_ms: f64,
     /// The epoch we already signed a suspect (or verdict) for.
@@ -291,6 +320,17 @@ impl Monitor {
     }
 
     pub fn order_sent(&mut self, order: Order, now_ms: u64) {
+        // A replica that orders late may already hold an execution checkpoint
+        // certificate past this order (f+1 executors signed it): the order
+        // is covered, cannot be replayed from it, and executors past it need
+        // not answer it again, so watching it would hold the verdict forever.
+        if self
+            .stable
+            .as_ref()
+            .is_some_and(|s| order.app_seq <= s.app_seq)
+        {
+            return;
+        }
         self.returned.insert(
             order.app_seq,
             Returned {
@@ -310,34 +350,83 @@ impl Monitor {
         for s in self.orders.keys() {
             let r = self.returned.entry(*s).or_default();
             r.sent_ms = now_ms;
-            r.retransmitted_ms = now_ms;
         }
+        // Everything was just sent again: re-sends wait for the new clock.
+        self.resend.clear();
         // Orders below the stable checkpoint cannot be replayed: stop watching them.
         let orders = &self.orders;
         self.returned.retain(|s, _| orders.contains_key(s));
     }
 
-    /// Orders that some active replicas have not answered for half the
-    /// timeout: re-send them to those replicas (messages get lost), at most
-    /// once per half timeout.
+    /// Orders to re-send (messages get lost: a host agent drops what it
+    /// cannot hold for a replica that is not connected, an executor drops
+    /// envelopes beyond its queue). Paced per execution replica, because
+    /// re-sending everything a slow replica has not answered is what makes
+    /// it slower: a replica that answered something new since the last
+    /// look is making progress and gets nothing; one that did not, once
+    /// half the timeout has passed since it last progressed or got a
+    /// re-send, gets the [`RESEND_WINDOW`] lowest orders it has not
+    /// answered (it executes in order), and the wait before the next
+    /// re-send doubles (at most [`RESEND_MAX_BACKOFF`] times) until it
+    /// progresses again. A replica that gets orders again, or that has not
+    /// voted for the stable checkpoint (for [`RECOVERY_GRACE_MS`] after it
+    /// became stable), also gets the stable certificate: it may have missed
+    /// the checkpoint it must start from (a woken replica whose orders were
+    /// all covered by a checkpoint that became stable while it slept has no
+    /// order left to be re-sent, only that).
     pub fn retransmissions(
         &mut self,
         active: &BTreeSet<ExecIndex>,
         now_ms: u64,
         min_timeout_ms: u64,
-    ) -> Vec<(ExecIndex, Order)> {
+    ) -> Resends {
         let half = self.timeout_ms(min_timeout_ms) / 2;
-        let mut out = Vec::new();
-        for (seq, r) in self.returned.iter_mut() {
-            if now_ms.saturating_sub(r.sent_ms.max(r.retransmitted_ms)) < half {
+        let mut out = Resends::default();
+        let stable_since = self
+            .stable
+            .as_ref()
+            .map(|_| now_ms.saturating_sub(self.stable_ms));
+        for &i in active {
+            let answered = self.answered.get(&i).copied().unwrap_or(0);
+            let pace = self.resend.entry(i).or_insert(Resend {
+                answered,
+                next_ms: now_ms + half,
+                backoff: 0,
+            });
+            if pace.answered != answered {
+                *pace = Resend {
+                    answered,
+                    next_ms: now_ms + half,
+                    backoff: 0,
+                };
                 continue;
             }
-            let Some(order) = self.orders.get(seq) else {
+            if now_ms < pace.next_ms {
                 continue;
-            };
-            r.retransmitted_ms = now_ms;
-            for i in active.iter().filter(|i| !r.digests.contains_key(i)) {
-                out.push((*i, order.clone()));
+            }
+            let before = out.orders.len();
+            for (seq, r) in &self.returned {
+                if out.orders.len() - before >= RESEND_WINDOW {
+                    break;
+                }
+                if r.digests.contains_key(&i) || now_ms.saturating_sub(r.sent_ms) < half {
+                    continue;
+                }
+                if let Some(order) = self.orders.get(seq) {
+                    out.orders.push((i, order.clone()));
+                }
+            }
+            let unvoted = stable_since.is_some_and(|since| {
+                (half..RECOVERY_GRACE_MS).contains(&since) && !self.stable_votes.contains_key(&i)
+            });
+            if out.orders.len() > before || unvoted {
+                if self.stable.is_some() {
+                    out.stable_to.insert(i);
+                }
+                pace.backoff = (pace.backoff + 1).min(RESEND_MAX_BACKOFF);
+                pace.next_ms = now_ms + (half << pace.backoff);
+            } else {
+                pace.next_ms = now_ms + half;
             }
         }
         out
@@ -345,7 +434,10 @@ impl Monitor {
 
     pub fn record(&mut self, app_seq: AppSeq, exec: ExecIndex, digest: Digest) {
         if let Some(r) = self.returned.get_mut(&app_seq) {
-            r.digests.entry(exec).or_insert(digest);
+            if let std::collections::btree_map::Entry::Vacant(e) = r.digests.entry(exec) {
+                e.insert(digest);
+                *self.answered.entry(exec).or_default() += 1;
+            }
         }
     }
 
@@ -707,6 +799,73 @@ mod tests {
         let sig = sign_exec_checkpoint(&ck, &keys[exec as usize]);
         let public: Vec<VerifyingKey> = keys.iter().map(|k| k.public()).collect();
         m.add_checkpoint(ck, sig, &public, 1, 1_000).unwrap()
+    }
+
+    fn order(app_seq: AppSeq) -> Order {
+        Order {
+            app: 1,
+            app_seq,
+            seq: app_seq,
+            requests: vec![],
+        }
+    }
+
+    fn resent_to(out: &Resends, i: ExecIndex) -> Vec<AppSeq> {
+        out.orders
+            .iter()
+            .filter(|(e, _)| *e == i)
+            .map(|(_, o)| o.app_seq)
+            .collect()
+    }
+
+    /// A replica that answers nothing gets the lowest window of what it has
+    /// not answered, then waits twice as long each time; one that makes
+    /// progress gets nothing; progress resets the wait.
+    #[test]
+    fn resends_are_windowed_backed_off_and_skip_progressing_replicas() {
+        let mut m = Monitor::default();
+        let active: BTreeSet<ExecIndex> = (0..2).collect();
+        let total = RESEND_WINDOW as u64 * 3;
+        for s in 1..=total {
+            m.order_sent(order(s), 0);
+        }
+        // Replica 1 answers everything, replica 0 nothing.
+        for s in 1..=total {
+            m.record(s, 1, Digest([1; 32]));
+        }
+        let min = 200; // timeout 200 ms, half 100
+        let none = |r: Resends| r.orders.is_empty() && r.stable_to.is_empty();
+        assert!(none(m.retransmissions(&active, 50, min)), "first look");
+        let out = m.retransmissions(&active, 150, min);
+        assert_eq!(
+            resent_to(&out, 0),
+            (1..=RESEND_WINDOW as u64).collect::<Vec<_>>()
+        );
+        assert!(resent_to(&out, 1).is_empty(), "replica 1 answered all");
+        // Backoff: the next re-sends to a silent replica wait 200 (the cap).
+        assert!(none(m.retransmissions(&active, 300, min)));
+        assert_eq!(
+            resent_to(&m.retransmissions(&active, 350, min), 0).len(),
+            RESEND_WINDOW
+        );
+        assert!(none(m.retransmissions(&active, 500, min)));
+        assert_eq!(
+            resent_to(&m.retransmissions(&active, 550, min), 0).len(),
+            RESEND_WINDOW
+        );
+        // Replica 0 progresses: nothing for it at its next look, and the
+        // wait starts again from half the timeout.
+        for s in 1..=10 {
+            m.record(s, 0, Digest([1; 32]));
+        }
+        assert!(none(m.retransmissions(&active, 2_000, min)));
+        let out = m.retransmissions(&active, 2_100, min);
+        assert_eq!(
+            resent_to(&out, 0).first(),
+            Some(&11),
+            "lowest unanswered first"
+        );
+        assert_eq!(resent_to(&out, 0).len(), RESEND_WINDOW);
     }
 
     /// A wrong reply leaves the state correct: the faulty replica's checkpoint

@@ -1097,18 +1097,15 @@ impl Replica {
             self.send(Target::All, PeerMessage::Suspect(own));
             return;
         }
-        let retransmit = m.retransmissions(&active, now, min);
-        // A replica that missed orders may have missed the stable checkpoint
-        // it must start from, too.
-        let lagging: BTreeSet<_> = retransmit.iter().map(|(i, _)| *i).collect();
+        let resends = m.retransmissions(&active, now, min);
         if let Some(cert) = &m.stable {
-            for index in lagging {
+            for &index in &resends.stable_to {
                 self.ready
                     .exec
                     .push((ExecId { app, index }, ExecMessage::Stable(cert.clone())));
             }
         }
-        for (index, order) in retransmit {
+        for (index, order) in resends.orders {
             self.ready
                 .exec
                 .push((ExecId { app, index }, ExecMessage::Order(order)));

@@ -443,7 +443,18 @@ impl ExecutionCore {
         self.metrics.stable_certs += 1;
         if cert.app_seq > self.executed {
             self.ready.stable_ahead = Some(cert.clone());
-            // Orders at or below it are of no use to a replica that jumps there.
+            // Orders at or below it are of no use to a replica that jumps
+            // there. It adopts the certified root and says so: the monitor
+            // counts a replica that never votes for a checkpoint that became
+            // stable in its epoch as one that failed to reach it.
+            let ck = ExecCheckpoint {
+                app: self.p.app,
+                app_seq: cert.app_seq,
+                root: cert.root,
+                exec: self.p.index,
+            };
+            let sig = sign_exec_checkpoint(&ck, &self.p.key);
+            self.ready.messages.push(ExecMessage::Checkpoint(ck, sig));
         }
         self.stable = Some(cert);
         Ok(())

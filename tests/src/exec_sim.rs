@@ -161,7 +161,20 @@ impl SimExecutor {
         self.snapshots.insert(app_seq, snapshot.to_vec());
         self.wants_state = None;
         self.votes = self.votes.split_off(&(app_seq + 1));
-        self.try_execute()
+        // As the executor does: a replica that jumps to a stable checkpoint
+        // votes for its root.
+        let ck = ExecCheckpoint {
+            app: self.id.app,
+            app_seq,
+            root: sim_root(snapshot),
+            exec: self.id.index,
+        };
+        let mut out = vec![ExecMessage::Checkpoint(
+            ck,
+            sign_exec_checkpoint(&ck, &self.key),
+        )];
+        out.extend(self.try_execute());
+        out
     }
 
     fn try_execute(&mut self) -> Vec<ExecMessage> {

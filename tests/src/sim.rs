@@ -415,8 +415,8 @@ impl Sim {
             return Err(self.checker.violation(format!(
                 "execution replicas did not settle back to f+1 active with the faulty ones reimaged by {} ms; host log {:?}; states {states:?}",
                 self.now, &self.host.log[self.host.log.len().saturating_sub(12)..],
-            ) + &format!("; monitor of replica 0: {:?}; executors executed {:?}",
-                self.replicas[0].replica.monitor_summary(0),
+            ) + &format!("; monitors: {:?}; executors executed {:?}",
+                self.replicas.iter().map(|r| r.replica.monitor_summary(0)).collect::<Vec<_>>(),
                 self.executors.iter().map(|e| (e.executed, e.awake, e.wants_state.as_ref().map(|c| c.app_seq))).collect::<Vec<_>>()
             )));
         }
