@@ -417,7 +417,10 @@ async fn connect(path: &std::path::Path, timeout: Duration) -> Result<UnixStream
     let mut wait = Duration::from_millis(10);
     loop {
         match UnixStream::connect(path).await {
-            Ok(s) => return Ok(s),
+            Ok(s) => {
+                crate::link::widen_send_buffer(&s);
+                return Ok(s);
+            }
             Err(e) if Instant::now() >= deadline => {
                 return Err(DriverError::Connect {
                     path: path.to_path_buf(),

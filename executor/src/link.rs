@@ -36,6 +36,22 @@ use zz_wire::exec::{ExecEnvelope, ExecId};
 /// an order of a large batch, fits well below it.
 pub const MAX_LINK_FRAME: usize = zz_wire::frame::DEFAULT_MAX_FRAME;
 
+/// Send buffer asked for on a unix-socket link (the kernel caps it at
+/// `net.core.wmem_max`). With the default (about 208 KiB) a 1 MiB page batch
+/// crosses each hop in five or more writer/reader hand-offs, and on a busy
+/// host each hand-off can wait for the scheduler; with a larger buffer the
+/// writer hands over a whole frame at once.
+pub const LINK_SOCKET_SEND_BUFFER: usize = 4 << 20;
+
+/// Asks for a [`LINK_SOCKET_SEND_BUFFER`]-byte send buffer on a link socket.
+/// Failure only costs speed, so it is logged, not returned.
+pub fn widen_send_buffer<S: std::os::fd::AsFd>(socket: &S) {
+    use nix::sys::socket::{setsockopt, sockopt::SndBuf};
+    if let Err(e) = setsockopt(socket, SndBuf, &LINK_SOCKET_SEND_BUFFER) {
+        tracing::debug!(error = %e, "cannot widen the link's send buffer");
+    }
+}
+
 /// One frame of the executor ↔ host agent stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LinkFrame {

@@ -797,7 +797,10 @@ async fn executor_accept(
             _ = shutdown.changed() => return,
         };
         let stream = match accepted {
-            Ok((s, _)) => s,
+            Ok((s, _)) => {
+                zz_executor::link::widen_send_buffer(&s);
+                s
+            }
             Err(e) => {
                 tracing::warn!(%exec, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;

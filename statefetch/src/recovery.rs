@@ -716,22 +716,20 @@ async fn fetch_one(
             }
             still
         };
-        let stored = sh
-            .store
-            .write_pages(still.iter().map(|(i, d)| (*i, d.as_slice())));
-        {
-            let mut st = sh.lock();
-            for (i, d) in &still {
+        let still: Vec<(u64, Arc<Vec<u8>>)> =
+            still.into_iter().map(|(i, d)| (*i, d.clone())).collect();
+        let stored = store_off_runtime(&sh, still, |st, pages, stored| {
+            for (i, d) in pages {
                 st.set_storing(*i, false);
-                if stored.is_ok() && st.staged.get(i).is_some_and(|s| Arc::ptr_eq(s, d)) {
+                if stored && st.staged.get(i).is_some_and(|s| Arc::ptr_eq(s, d)) {
                     st.staged.remove(i);
                 }
             }
-        }
+        })
+        .await;
         if let Err(e) = stored {
             tracing::error!("statefetch: storing fetched pages: {e}");
         }
-        sh.notify();
     }
 }
 
@@ -787,25 +785,79 @@ async fn fetch_batch(mut guard: InFlight, leaves: Vec<Digest>) -> Result<(), Rec
             }
         }
     };
-    let stored = sh
-        .store
-        .write_pages(fresh.iter().map(|p| (p.index, p.data.as_slice())));
-    let result = {
-        let mut st = sh.lock();
-        for p in &fresh {
-            st.set_storing(p.index, false);
-            st.set_in_flight(p.index, false);
+    let fresh: Vec<(u64, Arc<Vec<u8>>)> = fresh
+        .into_iter()
+        .map(|p| (p.index, Arc::new(p.data)))
+        .collect();
+    store_off_runtime(&sh, fresh, |st, pages, stored| {
+        for (i, _) in pages {
+            st.set_storing(*i, false);
+            st.set_in_flight(*i, false);
         }
-        if stored.is_ok() {
-            for p in &fresh {
-                st.set_state(p.index, PRESENT);
+        if stored {
+            for (i, _) in pages {
+                st.set_state(*i, PRESENT);
             }
-            st.fetched += fresh.len() as u64;
+            st.fetched += pages.len() as u64;
         }
-        stored.map_err(RecoveryError::from)
+    })
+    .await
+}
+
+/// Pages to store, and what to do under the view lock once they are
+/// stored (or not): clear their storing marks and so on.
+struct StoreJob<F: FnOnce(&mut ViewState, &[(u64, Arc<Vec<u8>>)], bool)> {
+    sh: Arc<Shared>,
+    pages: Vec<(u64, Arc<Vec<u8>>)>,
+    stored: bool,
+    finish: Option<F>,
+}
+
+impl<F: FnOnce(&mut ViewState, &[(u64, Arc<Vec<u8>>)], bool)> Drop for StoreJob<F> {
+    // Runs whether or not the job ran (a runtime shutting down drops it
+    // unrun), so no page is left marked as being stored: `persist_staged`
+    // waits for those marks to clear.
+    fn drop(&mut self) {
+        if let Some(finish) = self.finish.take() {
+            finish(&mut self.sh.lock(), &self.pages, self.stored);
+            self.sh.notify();
+        }
+    }
+}
+
+/// Writes fetched pages to the store on the blocking pool, then runs
+/// `finish` under the view lock, on that same thread. A batch is up to a
+/// megabyte of sled inserts; on the runtime it stalled the thread that also
+/// reads the link (a replica runs one), so the next responses, the
+/// executor's demand reads among them, waited behind it. `finish` does not
+/// wait for the runtime either: a view dropped on a runtime thread waits
+/// for the storing marks to clear.
+async fn store_off_runtime<F>(
+    sh: &Arc<Shared>,
+    pages: Vec<(u64, Arc<Vec<u8>>)>,
+    finish: F,
+) -> Result<(), RecoveryError>
+where
+    F: FnOnce(&mut ViewState, &[(u64, Arc<Vec<u8>>)], bool) + Send + 'static,
+{
+    let mut job = StoreJob {
+        sh: sh.clone(),
+        pages,
+        stored: false,
+        finish: Some(finish),
     };
-    sh.notify();
-    result
+    tokio::task::spawn_blocking(move || {
+        let result = job
+            .sh
+            .store
+            .write_pages(job.pages.iter().map(|(i, d)| (*i, d.as_slice())));
+        job.stored = result.is_ok();
+        drop(job);
+        result
+    })
+    .await
+    .map_err(|e| RecoveryError::Background(format!("page store task: {e}")))?
+    .map_err(RecoveryError::from)
 }
 
 /// Asks the sources, one after another, which pages their state read since
