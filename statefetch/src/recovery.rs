@@ -705,10 +705,10 @@ async fn fetch_one(
         // (readers keep reading, from the staged copies); an executor write
         // meanwhile is staged and persisted after it (STORING), as for
         // background batches.
-        let still: Vec<&(u64, Arc<Vec<u8>>)> = {
+        let still: Vec<(u64, Arc<Vec<u8>>)> = {
             let mut st = sh.lock();
-            let still: Vec<&(u64, Arc<Vec<u8>>)> = staged
-                .iter()
+            let still: Vec<(u64, Arc<Vec<u8>>)> = staged
+                .into_iter()
                 .filter(|(i, d)| st.staged.get(i).is_some_and(|s| Arc::ptr_eq(s, d)))
                 .collect();
             for (i, _) in &still {
@@ -716,8 +716,6 @@ async fn fetch_one(
             }
             still
         };
-        let still: Vec<(u64, Arc<Vec<u8>>)> =
-            still.into_iter().map(|(i, d)| (*i, d.clone())).collect();
         let stored = store_off_runtime(&sh, still, |st, pages, stored| {
             for (i, d) in pages {
                 st.set_storing(*i, false);

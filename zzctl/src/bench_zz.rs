@@ -316,17 +316,10 @@ fn now_us() -> i64 {
 
 /// The earliest time of a line of `path` containing every one of `needles`.
 fn first_line_time(path: &Path, needles: &[&str]) -> Option<(i64, String)> {
-    first_line_time_since(path, needles, i64::MIN)
-}
-
-/// The earliest line holding every needle whose timestamp is at or after
-/// `since_us`.
-fn first_line_time_since(path: &Path, needles: &[&str], since_us: i64) -> Option<(i64, String)> {
     let text = std::fs::read_to_string(path).ok()?;
     text.lines()
         .filter(|l| needles.iter().all(|n| l.contains(n)))
         .filter_map(|l| line_time_us(l).map(|t| (t, l.to_string())))
-        .filter(|(t, _)| *t >= since_us)
         .min_by_key(|(t, _)| *t)
 }
 
@@ -670,7 +663,10 @@ fn evaluate_recovery(
 ) -> Result<RecoveryReport> {
     let ms = |at: i64| (at - t.fault_us) as f64 / 1000.0;
     // A suspicion before the fault means the run measured something else (a
-    // replica suspected while the state was being loaded): refuse to report it.
+    // replica suspected while the state was being loaded): refuse to report
+    // it. So every time measured below (a wake follows a suspicion) is after
+    // the fault.
+    let mut detect: Option<(i64, String)> = None;
     for id in 0..sys.dep.config.n() as u32 {
         if let Some((at, line)) =
             first_line_time(&sys.agreement_log(id), &["suspecting execution replicas"])
@@ -683,15 +679,6 @@ fn evaluate_recovery(
                     line.trim()
                 );
             }
-        }
-    }
-    let mut detect: Option<(i64, String)> = None;
-    for id in 0..sys.dep.config.n() as u32 {
-        if let Some((at, line)) = first_line_time_since(
-            &sys.agreement_log(id),
-            &["suspecting execution replicas"],
-            t.fault_us,
-        ) {
             if detect.as_ref().is_none_or(|(d, _)| at < *d) {
                 detect = Some((at, line));
             }
@@ -703,12 +690,9 @@ fn evaluate_recovery(
     if !line.contains(&expected) {
         eprintln!("zzctl bench: warning: the first suspicion is not about {expected}: {line}");
     }
-    let (wake_at, _) = first_line_time_since(
-        &sys.hostd_log,
-        &["host command done", "app1/exec2", "Wake"],
-        t.fault_us,
-    )
-    .context("hostd did not wake replica 2 after the fault")?;
+    let (wake_at, _) =
+        first_line_time(&sys.hostd_log, &["host command done", "app1/exec2", "Wake"])
+            .context("hostd did not wake replica 2")?;
     let exec2 = sys.executor_log(KV, 2);
     let (full_at, full_line) =
         first_line_time(&exec2, &["recovery complete"]).with_context(|| {
@@ -884,23 +868,22 @@ mod tests {
     }
 
     #[test]
-    fn first_line_since_skips_earlier_lines() {
+    fn first_line_is_the_earliest_by_timestamp() {
         let dir = std::env::temp_dir().join(format!("zz-bench-lines-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("a.log");
         std::fs::write(
             &log,
-            "1970-01-01T00:00:01Z  WARN suspecting execution replicas app_seq=1\n\
-             1970-01-01T00:00:03Z  WARN suspecting execution replicas app_seq=9\n\
-             1970-01-01T00:00:02Z  INFO other\n",
+            "1970-01-01T00:00:03Z  WARN suspecting execution replicas app_seq=9\n\
+             1970-01-01T00:00:01Z  WARN suspecting execution replicas app_seq=1\n\
+             1970-01-01T00:00:00Z  INFO other\n",
         )
         .unwrap();
         let needle = ["suspecting execution replicas"];
-        assert_eq!(first_line_time(&log, &needle).unwrap().0, 1_000_000);
-        let (at, line) = first_line_time_since(&log, &needle, 2_000_000).unwrap();
-        assert_eq!(at, 3_000_000);
-        assert!(line.contains("app_seq=9"));
-        assert!(first_line_time_since(&log, &needle, 4_000_000).is_none());
+        let (at, line) = first_line_time(&log, &needle).unwrap();
+        assert_eq!(at, 1_000_000);
+        assert!(line.contains("app_seq=1"));
+        assert!(first_line_time(&log, &["absent"]).is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
