@@ -23,7 +23,9 @@
 //! Measured, all relative to `t0` (daemon log lines carry UTC timestamps
 //! from the same clock):
 //! - `detect_ms`: the first `suspecting execution replicas` line of any
-//!   agreement replica (its `app_seq` is checked against the fault's);
+//!   agreement replica (its `app_seq` is checked against the fault's; a
+//!   suspicion logged before the fault fails the run, which then measured
+//!   something else);
 //! - `wake_ms`: hostd's `host command done` line for the `Wake` of replica 2
 //!   (SIGCONT done);
 //! - `first_correct_reply_ms`: the client accepting the first request issued
