@@ -145,7 +145,8 @@ impl StateBackend for PageStore {
 ///
 /// - Pages of C are read through the view: a page not yet known good is
 ///   fetched and verified first (the read blocks meanwhile).
-/// - Pages past C (the app grew its state while recovering) are local.
+/// - Pages past C (the app grew its state while recovering) are local; the
+///   view holds their writes until it writes its staged pages to the store.
 /// - Writes go through the view, so a background fetch never overwrites them.
 /// - [`StateBackend::checkpoint`] returns `None` until every page of C is
 ///   present: a replica cannot certify a state it does not fully hold. The
@@ -209,15 +210,20 @@ fn complete(p: &Progress) -> bool {
 
 impl Pages for RecoveringState {
     fn num_pages(&self) -> Result<u64, PageError> {
-        // Opening the view grew the store to C's size; growth since is local.
-        Ok(self.store.num_pages()?.max(self.view.num_pages()))
+        // Opening the view grew the store to C's size; growth since is local:
+        // in the store (`grow`) or in pages the view still holds.
+        Ok(self
+            .store
+            .num_pages()?
+            .max(self.view.num_pages())
+            .max(self.view.grown_end()))
     }
 
     fn read_page(&mut self, index: u64) -> Result<Vec<u8>, PageError> {
         if index < self.view.num_pages() {
             Ok(self.view.read_blocking(index)?)
         } else {
-            Ok(self.store.read_page(index)?)
+            Ok(self.view.read_grown(index)?)
         }
     }
 

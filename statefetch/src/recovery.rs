@@ -218,6 +218,11 @@ struct ViewState {
     leaf: HashMap<u64, Digest>,
     /// Verified pages handed to readers but not yet in the store.
     staged: HashMap<u64, Arc<Vec<u8>>>,
+    /// Executor writes past C's pages (the app grew its state), not yet in
+    /// the store; written behind with `staged`.
+    grown: HashMap<u64, Arc<Vec<u8>>>,
+    /// One past the highest page written past C (0: none).
+    grown_end: u64,
     excluded: Vec<bool>,
     events: Vec<RecoveryEvent>,
     present: u64,
@@ -554,11 +559,17 @@ impl Shared {
             .iter()
             .filter_map(|i| st.staged.remove(i).map(|d| (*i, d)))
             .collect();
-        let r = self
-            .store
-            .write_pages(staged.iter().map(|(i, d)| (*i, d.as_slice())));
+        // Pages past C are never fetched, so none is being stored.
+        let grown: Vec<(u64, Arc<Vec<u8>>)> = st.grown.drain().collect();
+        let r = self.store.write_pages(
+            staged
+                .iter()
+                .chain(grown.iter())
+                .map(|(i, d)| (*i, d.as_slice())),
+        );
         if r.is_err() {
             st.staged.extend(staged);
+            st.grown.extend(grown);
         }
         Ok(r?)
     }
@@ -1204,6 +1215,8 @@ impl RecoveryView {
                 status: Vec::new(),
                 leaf: HashMap::new(),
                 staged: HashMap::new(),
+                grown: HashMap::new(),
+                grown_end: 0,
                 excluded: vec![false; sources.len()],
                 events: Vec::new(),
                 present: 0,
@@ -1425,37 +1438,61 @@ impl RecoveryView {
         timed(&self.shared.write_us, || self.write_pages_inner(pages))
     }
 
-    /// Pages of C are written behind: they join the staged pages (reads see
-    /// them there) and reach the store with them, in one batch once more
-    /// than [`WRITE_BEHIND_PAGES`] are staged, or when the view completes
-    /// ([`Self::persist_staged`], which a caller must run before using the
-    /// store directly). During recovery nothing needs them durable: the
-    /// replica cannot checkpoint before the view is complete, and a replica
-    /// that restarts mid-recovery is recovered again. A woken replica's
-    /// replay so no longer writes the store for each order. Pages past C's
-    /// count are written through (they are read from the store).
+    /// Pages are written behind: pages of C join the staged pages, pages
+    /// past C's count (the app grew its state) join the grown ones, and
+    /// reads see them there. They reach the store together, in one batch
+    /// once more than [`WRITE_BEHIND_PAGES`] are held, or when the view
+    /// completes ([`Self::persist_staged`], which a caller must run before
+    /// using the store directly). During recovery nothing needs them
+    /// durable: the replica cannot checkpoint before the view is complete,
+    /// and a replica that restarts mid-recovery is recovered again. A woken
+    /// replica's replay so never waits on the store for its writes (a
+    /// write-through could wait milliseconds behind the background's
+    /// batches of fetched pages).
     fn write_pages_inner(&self, pages: &[(u64, &[u8])]) -> Result<(), RecoveryError> {
         let n = self.shared.num_pages;
-        type Pages<'a> = Vec<(u64, &'a [u8])>;
-        let (ours, grown): (Pages, Pages) = pages.iter().copied().partition(|(i, _)| *i < n);
-        if !grown.is_empty() {
-            self.shared.store.write_pages(grown)?;
-        }
         {
             // No wait for a fetched copy of one of these pages being stored
             // (STORING): ours is staged, so it reaches the store after that.
             let mut st = self.shared.lock();
             st.written = true;
-            for (index, data) in &ours {
-                st.staged.insert(*index, Arc::new(data.to_vec()));
-                st.set_state(*index, PRESENT);
+            for (index, data) in pages {
+                let data = Arc::new(data.to_vec());
+                if *index < n {
+                    st.staged.insert(*index, data);
+                    st.set_state(*index, PRESENT);
+                } else {
+                    st.grown.insert(*index, data);
+                    st.grown_end = st.grown_end.max(index + 1);
+                }
             }
-            if st.staged.len() > WRITE_BEHIND_PAGES {
+            if st.staged.len() + st.grown.len() > WRITE_BEHIND_PAGES {
                 self.shared.persist_locked(&mut st)?;
             }
         }
         self.shared.notify();
         Ok(())
+    }
+
+    /// One past the highest page written past C's pages through the view
+    /// (0 if none): the state has grown at least that far, even while those
+    /// pages are only held by the view.
+    pub fn grown_end(&self) -> u64 {
+        self.shared.lock().grown_end
+    }
+
+    /// Reads page `index` past C's pages (grown by the executor while
+    /// recovering): the copy written behind if any, else the store's. A page
+    /// of C is read as by [`Self::read_blocking`], whose caveat applies.
+    pub fn read_grown(&self, index: u64) -> Result<Vec<u8>, RecoveryError> {
+        if index < self.shared.num_pages {
+            return self.read_blocking(index);
+        }
+        let held = self.shared.lock().grown.get(&index).cloned();
+        match held {
+            Some(d) => Ok(d.as_ref().clone()),
+            None => Ok(self.shared.store.read_page(index)?),
+        }
     }
 
     pub fn progress(&self) -> Progress {

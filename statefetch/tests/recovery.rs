@@ -388,7 +388,18 @@ async fn writes_during_recovery_are_read_back_and_reach_the_store_later() {
     for i in (1..s.n).filter(|i| *i != 10) {
         assert_eq!(empty.read_page(i).unwrap(), truth(&s, i), "page {i}");
     }
-    // Pages past the checkpoint's count are written through.
+    // Pages past the checkpoint's count are written behind too: read back
+    // from the view at once, in the store only once the view persists.
     view.write(s.n + 2, &common::page(99, 1)).unwrap();
-    assert_eq!(empty.read_page(s.n + 2).unwrap(), common::page(99, 1));
+    assert_eq!(view.read_grown(s.n + 2).unwrap(), common::page(99, 1));
+    assert_eq!(empty.num_pages().unwrap(), s.n, "not yet in the store");
+    assert_eq!(view.grown_end(), s.n + 3);
+    view.write(s.n + 2, &common::page(99, 2)).unwrap();
+    assert_eq!(view.read_grown(s.n + 2).unwrap(), common::page(99, 2));
+    view.persist_staged().unwrap();
+    assert_eq!(empty.num_pages().unwrap(), s.n + 3);
+    assert_eq!(empty.read_page(s.n + 2).unwrap(), common::page(99, 2));
+    assert_eq!(view.read_grown(s.n + 2).unwrap(), common::page(99, 2));
+    // A page of C read through `read_grown` is the verified page.
+    assert_eq!(view.read_grown(0).unwrap(), common::page(0, 78));
 }

@@ -154,6 +154,16 @@ fn workload(s: AppSeq) -> Order {
         s * 10 + 1,
         &format!("k{}", (s + 2) % 5),
     ));
+    if s > 12 {
+        // New keys with large values: the state grows past the checkpoint
+        // a replica recovers (8) before its view is persisted.
+        reqs.push(put(
+            200 + s % 3,
+            s * 10 + 2,
+            &format!("grown{s}"),
+            &vec![s as u8; 60_000],
+        ));
+    }
     order(s, reqs)
 }
 
