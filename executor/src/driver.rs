@@ -894,7 +894,7 @@ fn start_recovery(
             e.to_string()
         })?;
     let view = Arc::new(view);
-    let state = RecoveringState::new(view.clone(), ctx.store.clone());
+    let state = RecoveringState::new(view.clone(), ctx.store.clone()).map_err(|e| e.to_string())?;
     let state: Box<dyn StateBackend> = Box::new(state);
     let old = core.install_state(state, cert).map_err(|e| e.to_string())?;
     drop(old);

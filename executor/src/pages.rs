@@ -157,6 +157,11 @@ impl StateBackend for PageStore {
 pub struct RecoveringState {
     view: Arc<RecoveryView>,
     store: PageStore,
+    /// The store's page count, kept here: asking the store takes its lock,
+    /// which the background holds while it stores fetched pages, and the
+    /// execution core asks for every batch. Only this state grows the store
+    /// during recovery (pages the view holds count in its `grown_end`).
+    store_pages: u64,
 }
 
 impl std::fmt::Debug for RecoveringState {
@@ -177,15 +182,17 @@ impl RecoveringState {
         config: RecoveryConfig,
     ) -> Result<RecoveringState, PageError> {
         let view = RecoveryView::open(store.clone(), cert, sources, config).await?;
-        Ok(RecoveringState {
-            view: Arc::new(view),
-            store,
-        })
+        RecoveringState::new(Arc::new(view), store)
     }
 
     /// Wraps a view already opened over `store` (it must be the same store).
-    pub fn new(view: Arc<RecoveryView>, store: PageStore) -> RecoveringState {
-        RecoveringState { view, store }
+    pub fn new(view: Arc<RecoveryView>, store: PageStore) -> Result<RecoveringState, PageError> {
+        let store_pages = store.num_pages()?;
+        Ok(RecoveringState {
+            view,
+            store,
+            store_pages,
+        })
     }
 
     /// The view, e.g. to watch progress or wait for completion.
@@ -213,8 +220,7 @@ impl Pages for RecoveringState {
         // Opening the view grew the store to C's size; growth since is local:
         // in the store (`grow`) or in pages the view still holds.
         Ok(self
-            .store
-            .num_pages()?
+            .store_pages
             .max(self.view.num_pages())
             .max(self.view.grown_end()))
     }
@@ -233,7 +239,11 @@ impl Pages for RecoveringState {
     }
 
     fn grow(&mut self, num_pages: u64) -> Result<(), PageError> {
-        Pages::grow(&mut self.store, num_pages)
+        if num_pages > self.store_pages {
+            Pages::grow(&mut self.store, num_pages)?;
+            self.store_pages = num_pages;
+        }
+        Ok(())
     }
 }
 
