@@ -1255,8 +1255,9 @@ impl RecoveryView {
                 start: 0,
                 count: 1,
             };
+            // Hedged like a demand read: the executor waits for the open.
             shared
-                .ask(request, |resp| {
+                .ask_hedged(shared.config.hedge_after, request, |resp| {
                     proto::check_nodes(seq, root, None, (0, 0, 1), resp)
                 })
                 .await?
