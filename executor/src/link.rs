@@ -98,22 +98,13 @@ impl FetchFrame {
     /// request it cannot deliver.
     pub fn unreachable(&self, why: &str) -> Option<FetchFrame> {
         match self.body {
-            FetchBody::Request(_) => Some(FetchFrame {
-                from: self.to,
-                to: self.from,
-                id: self.id,
-                body: FetchBody::Response(Response::Refused {
-                    kind: RefusalKind::Internal,
-                    detail: format!("{} unreachable: {why}", self.to),
-                }),
-                mac: None,
-            }),
+            FetchBody::Request(_) => Some(host_refusal(self.from, self.to, self.id, why)),
             FetchBody::Response(_) => None,
         }
     }
 
     fn mac_with(&self, key: &MacKey) -> Mac {
-        key.mac_parts(&[FETCH_MAC_DOMAIN, &mac_input(self)])
+        key.mac_encoded(FETCH_MAC_DOMAIN, &mac_input(self))
     }
 
     /// A host agent's refusal: the one frame that carries no MAC.
@@ -203,7 +194,7 @@ impl FetchKeys {
         };
         match &ff.mac {
             None => FetchCheck::Forged("no MAC"),
-            Some(mac) if key.verify_parts(&[FETCH_MAC_DOMAIN, &mac_input(ff)], mac) => {
+            Some(mac) if key.verify_encoded(FETCH_MAC_DOMAIN, &mac_input(ff), mac) => {
                 FetchCheck::Authentic
             }
             Some(_) => FetchCheck::Forged("wrong MAC"),
@@ -211,19 +202,99 @@ impl FetchKeys {
     }
 }
 
-fn mac_input(ff: &FetchFrame) -> Vec<u8> {
-    zz_wire::codec::encode(&MacInput {
+/// The leading fields of a [`FetchFrame`]'s encoding: what a host agent
+/// routes on. It relays the frame's bytes as they came and leaves the body
+/// and the MAC to the recipient, which checks both.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct FetchHead {
+    pub from: ExecId,
+    pub to: ExecId,
+    pub id: u64,
+    pub body: FetchBodyHead,
+}
+
+/// The leading fields of a [`FetchBody`]; variants in the same order.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub enum FetchBodyHead {
+    Request,
+    Response(ResponseHead),
+}
+
+/// The leading fields of a [`Response`]; variants in the same order.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub enum ResponseHead {
+    Info,
+    Pages {
+        seq: zz_wire::ids::Seq,
+        root: zz_wire::ids::Digest,
+        num_pages: u64,
+        /// How many pages the reply carries.
+        pages: u64,
+    },
+    Nodes,
+    ReadHint,
+    Refused,
+}
+
+impl FetchHead {
+    /// The head of an encoded fetch frame (the link frame body after
+    /// [`LinkFrame::FETCH_TAG`]).
+    pub fn decode(frame: &[u8]) -> Result<FetchHead, zz_wire::WireError> {
+        zz_wire::codec::decode_prefix(frame)
+    }
+
+    /// Pages carried, for a page reply.
+    pub fn pages(&self) -> u64 {
+        match self.body {
+            FetchBodyHead::Response(ResponseHead::Pages { pages, .. }) => pages,
+            _ => 0,
+        }
+    }
+
+    /// The refusal a host agent sends back in place of the response to a
+    /// request it cannot deliver (as [`FetchFrame::unreachable`]).
+    pub fn unreachable(&self, why: &str) -> Option<FetchFrame> {
+        match self.body {
+            FetchBodyHead::Request => Some(host_refusal(self.from, self.to, self.id, why)),
+            FetchBodyHead::Response(_) => None,
+        }
+    }
+}
+
+/// A host agent's answer to request `id` from `requester` that it cannot
+/// deliver to `target`.
+fn host_refusal(requester: ExecId, target: ExecId, id: u64, why: &str) -> FetchFrame {
+    FetchFrame {
+        from: target,
+        to: requester,
+        id,
+        body: FetchBody::Response(Response::Refused {
+            kind: RefusalKind::Internal,
+            detail: format!("{target} unreachable: {why}"),
+        }),
+        mac: None,
+    }
+}
+
+fn mac_input(ff: &FetchFrame) -> MacInput<'_> {
+    MacInput {
         from: ff.from,
         to: ff.to,
         id: ff.id,
         body: &ff.body,
-    })
+    }
 }
 
 impl LinkFrame {
+    /// The first four bytes of an encoded [`LinkFrame::Exec`] (its variant
+    /// index); the rest is the envelope's encoding.
+    pub const EXEC_TAG: [u8; 4] = 0u32.to_le_bytes();
+    /// The first four bytes of an encoded [`LinkFrame::Fetch`].
+    pub const FETCH_TAG: [u8; 4] = 1u32.to_le_bytes();
+
     /// The frame's bytes on the stream: length prefix and encoded body.
     pub fn to_bytes(&self) -> Vec<u8> {
-        zz_wire::frame::frame(&zz_wire::codec::encode(self))
+        zz_wire::codec::encode_framed(self)
     }
 
     /// Decodes one frame body (without its length prefix).
@@ -287,6 +358,96 @@ mod tests {
             FetchBody::Response(Response::Refused { .. })
         ));
         assert!(refusal.unreachable("x").is_none());
+    }
+
+    #[test]
+    fn the_head_of_every_fetch_frame_matches_the_frame() {
+        use zz_statefetch::proto::{CheckpointInfo, NodeRange, PageData, PagesReply, ReadHint};
+        let pages = PagesReply {
+            seq: 4,
+            root: zz_wire::Digest([3; 32]),
+            num_pages: 99,
+            pages: (0..3)
+                .map(|i| PageData {
+                    index: i,
+                    data: vec![i as u8; 4096],
+                    proof: Some(vec![zz_wire::Digest([1; 32])]),
+                })
+                .collect(),
+        };
+        let bodies = [
+            (FetchBody::Request(Request::Info), FetchBodyHead::Request),
+            (
+                FetchBody::Response(Response::Info(vec![CheckpointInfo {
+                    seq: 1,
+                    root: zz_wire::Digest([0; 32]),
+                    num_pages: 2,
+                }])),
+                FetchBodyHead::Response(ResponseHead::Info),
+            ),
+            (
+                FetchBody::Response(Response::Pages(pages)),
+                FetchBodyHead::Response(ResponseHead::Pages {
+                    seq: 4,
+                    root: zz_wire::Digest([3; 32]),
+                    num_pages: 99,
+                    pages: 3,
+                }),
+            ),
+            (
+                FetchBody::Response(Response::Nodes(NodeRange {
+                    seq: 1,
+                    root: zz_wire::Digest([0; 32]),
+                    num_pages: 1,
+                    level: 0,
+                    start: 0,
+                    nodes: vec![],
+                    siblings: vec![],
+                })),
+                FetchBodyHead::Response(ResponseHead::Nodes),
+            ),
+            (
+                FetchBody::Response(Response::ReadHint(ReadHint {
+                    seq: 1,
+                    root: zz_wire::Digest([0; 32]),
+                    pages: vec![5],
+                })),
+                FetchBodyHead::Response(ResponseHead::ReadHint),
+            ),
+            (
+                pages_response(),
+                FetchBodyHead::Response(ResponseHead::Refused),
+            ),
+        ];
+        for (body, want) in bodies {
+            let ff = FetchFrame {
+                from: id(0),
+                to: id(2),
+                id: 77,
+                body,
+                mac: Some([5; 16]),
+            };
+            let bytes = zz_wire::codec::encode(&LinkFrame::Fetch(ff.clone()));
+            assert_eq!(bytes[..4], LinkFrame::FETCH_TAG);
+            let head = FetchHead::decode(&bytes[4..]).unwrap();
+            assert_eq!(
+                head,
+                FetchHead {
+                    from: id(0),
+                    to: id(2),
+                    id: 77,
+                    body: want
+                }
+            );
+            assert_eq!(head.unreachable("x"), ff.unreachable("x"));
+        }
+        let env = zz_wire::codec::encode(&LinkFrame::Exec(ExecEnvelope {
+            route: zz_wire::exec::ExecRoute::ToAgreement { from: id(0), to: 1 },
+            payload: vec![],
+            mac: [0; 16],
+        }));
+        assert_eq!(env[..4], LinkFrame::EXEC_TAG);
+        assert!(FetchHead::decode(&[1, 2, 3]).is_err());
     }
 
     /// Key pairs of three replicas of app 1, and each one's fetch keys.

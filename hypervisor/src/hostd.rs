@@ -67,11 +67,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
 use zz_agreement::hostlink::Hello;
-use zz_executor::link::{FetchFrame, LinkFrame, MAX_LINK_FRAME};
+use zz_executor::link::{FetchHead, LinkFrame, MAX_LINK_FRAME};
 use zz_executor::FaultPlan;
 use zz_wire::codec;
 use zz_wire::config::{ClusterConfig, HostEntry};
-use zz_wire::exec::{ExecEnvelope, ExecId, ExecRoute, HostAction};
+use zz_wire::exec::{ExecId, ExecRoute, HostAction};
 use zz_wire::frame::{FrameDecoder, DEFAULT_MAX_FRAME};
 use zz_wire::message::Frame;
 use zz_wire::ReplicaId;
@@ -81,6 +81,7 @@ use crate::hostbackend::HostBackend;
 use crate::hostpeer::HostPeers;
 use crate::lifecycle::{carry_out, LifecycleError, ReplicaLifecycle, ReplicaSpec};
 use crate::process::{ProcessBackend, ProcessConfig};
+use crate::relay::{self, FromExecutor, Outgoing};
 use crate::vmlink::GuestReady;
 
 /// Most bytes queued for one connection before frames to it are dropped.
@@ -219,12 +220,12 @@ fn inc(c: &AtomicU64) {
 #[derive(Clone)]
 struct Conn {
     id: u64,
-    tx: mpsc::UnboundedSender<Bytes>,
+    tx: mpsc::UnboundedSender<Outgoing>,
     queued: Arc<AtomicUsize>,
 }
 
 impl Conn {
-    fn new(id: u64) -> (Conn, mpsc::UnboundedReceiver<Bytes>) {
+    fn new(id: u64) -> (Conn, mpsc::UnboundedReceiver<Outgoing>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             Conn {
@@ -236,14 +237,14 @@ impl Conn {
         )
     }
 
-    fn send(&self, bytes: Bytes, stats: &HostStats) -> bool {
-        let len = bytes.len();
+    fn send(&self, out: Outgoing, stats: &HostStats) -> bool {
+        let len = out.len();
         if self.queued.load(Ordering::Relaxed) + len > MAX_QUEUED_BYTES {
             inc(&stats.frames_dropped);
             return false;
         }
         self.queued.fetch_add(len, Ordering::Relaxed);
-        if self.tx.send(bytes).is_err() {
+        if self.tx.send(out).is_err() {
             self.queued.fetch_sub(len, Ordering::Relaxed);
             inc(&stats.frames_dropped);
             return false;
@@ -255,18 +256,18 @@ impl Conn {
 /// Writes a connection's queue until it closes or a write fails.
 async fn write_queued<W: tokio::io::AsyncWrite + Unpin>(
     w: W,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
     queued: Arc<AtomicUsize>,
 ) {
     let mut w = BufWriter::with_capacity(64 * 1024, w);
-    while let Some(b) = rx.recv().await {
-        queued.fetch_sub(b.len(), Ordering::Relaxed);
-        if w.write_all(&b).await.is_err() {
+    while let Some(o) = rx.recv().await {
+        queued.fetch_sub(o.len(), Ordering::Relaxed);
+        if write_outgoing(&mut w, &o).await.is_err() {
             return;
         }
-        while let Ok(b) = rx.try_recv() {
-            queued.fetch_sub(b.len(), Ordering::Relaxed);
-            if w.write_all(&b).await.is_err() {
+        while let Ok(o) = rx.try_recv() {
+            queued.fetch_sub(o.len(), Ordering::Relaxed);
+            if write_outgoing(&mut w, &o).await.is_err() {
                 return;
             }
         }
@@ -274,6 +275,14 @@ async fn write_queued<W: tokio::io::AsyncWrite + Unpin>(
             return;
         }
     }
+}
+
+async fn write_outgoing<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    o: &Outgoing,
+) -> std::io::Result<()> {
+    w.write_all(o.head()).await?;
+    w.write_all(o.body()).await
 }
 
 /// Most bytes kept for an executor that is not connected (a woken replica
@@ -286,7 +295,7 @@ const MAX_BACKLOG_BYTES: usize = 8 * 1024 * 1024;
 struct Routes {
     executors: HashMap<ExecId, Conn>,
     /// Frames for hosted executors that are not connected right now.
-    backlog: HashMap<ExecId, (usize, std::collections::VecDeque<Bytes>)>,
+    backlog: HashMap<ExecId, (usize, std::collections::VecDeque<Outgoing>)>,
     agreement: HashMap<u64, (ReplicaId, Conn)>,
 }
 
@@ -311,18 +320,17 @@ impl Shared {
 
     /// Queues `frame` for a hosted executor: on its stream, or in its
     /// backlog while it is not connected. False for an executor not hosted here.
-    fn to_executor(&self, to: ExecId, frame: &LinkFrame) -> bool {
-        let bytes = Bytes::from(frame.to_bytes());
+    fn to_executor(&self, to: ExecId, out: Outgoing) -> bool {
         let mut routes = self.routes();
         if let Some(c) = routes.executors.get(&to) {
-            return c.send(bytes, &self.stats);
+            return c.send(out, &self.stats);
         }
         let Some((size, queue)) = routes.backlog.get_mut(&to) else {
             inc(&self.stats.frames_dropped);
             return false;
         };
-        *size += bytes.len();
-        queue.push_back(bytes);
+        *size += out.len();
+        queue.push_back(out);
         while *size > MAX_BACKLOG_BYTES {
             match queue.pop_front() {
                 Some(old) => {
@@ -340,7 +348,7 @@ impl Shared {
         self.routes().executors.contains_key(&exec)
     }
 
-    fn to_agreement(&self, to: ReplicaId, env: ExecEnvelope) {
+    fn to_agreement(&self, to: ReplicaId, out: Outgoing) {
         let conns: Vec<Conn> = self
             .routes()
             .agreement
@@ -352,9 +360,8 @@ impl Shared {
             inc(&self.stats.frames_dropped);
             return;
         }
-        let bytes = Bytes::from(zz_wire::frame::frame(&codec::encode(&Frame::Exec(env))));
         for c in conns {
-            if c.send(bytes.clone(), &self.stats) {
+            if c.send(out.clone(), &self.stats) {
                 inc(&self.stats.envelopes_to_agreement);
             }
         }
@@ -866,7 +873,7 @@ async fn send_clock(shared: Arc<Shared>, exec: ExecId) {
         // by the socket buffer).
         if let Some(c) = conn.filter(|c| c.queued.load(Ordering::Relaxed) == 0) {
             c.send(
-                Bytes::copy_from_slice(&control_frame(TIME, now)),
+                Outgoing::framed(Bytes::copy_from_slice(&control_frame(TIME, now))),
                 &shared.stats,
             );
         }
@@ -954,17 +961,19 @@ async fn executor_read(
                 }
             };
             inc(&stats.frames_in);
-            match LinkFrame::decode(&body) {
-                Ok(LinkFrame::Exec(env)) => match env.route {
+            match relay::from_executor(body) {
+                Ok(FromExecutor::Exec { route, envelope }) => match route {
                     ExecRoute::ToAgreement { from, to } if from == exec => {
-                        shared.to_agreement(to, env)
+                        shared.to_agreement(to, Outgoing::retagged(Some(Frame::EXEC_TAG), envelope))
                     }
                     _ => inc(&stats.frames_misrouted),
                 },
-                Ok(LinkFrame::Fetch(ff)) if ff.from != exec || ff.to.app != exec.app => {
+                Ok(FromExecutor::Fetch { head, .. })
+                    if head.from != exec || head.to.app != exec.app =>
+                {
                     inc(&stats.frames_misrouted)
                 }
-                Ok(LinkFrame::Fetch(ff)) => relay_fetch(shared, exec, ff),
+                Ok(FromExecutor::Fetch { head, frame }) => relay_fetch(shared, exec, head, frame),
                 Err(e) => {
                     tracing::debug!(%exec, error = %e, "malformed frame from executor");
                     inc(&stats.frames_malformed);
@@ -974,19 +983,17 @@ async fn executor_read(
     }
 }
 
-fn relay_fetch(shared: &Shared, exec: ExecId, ff: FetchFrame) {
-    let to = ff.to;
-    let refusal = ff.unreachable("not connected to its host agent");
-    let pages = match &ff.body {
-        zz_executor::link::FetchBody::Response(zz_statefetch::Response::Pages(p)) => {
-            p.pages.len() as u64
-        }
-        _ => 0,
-    };
+/// Relays a fetch frame from `exec` (its link frame body `frame`) to its
+/// target, here or on another host; a request that cannot be delivered is
+/// answered with a refusal.
+fn relay_fetch(shared: &Shared, exec: ExecId, head: FetchHead, frame: Bytes) {
+    let to = head.to;
+    let refusal = head.unreachable("not connected to its host agent");
+    let pages = head.pages();
     let delivered = if shared.peers.is_local(to) {
-        shared.connected(to) && shared.to_executor(to, &LinkFrame::Fetch(ff))
+        shared.connected(to) && shared.to_executor(to, Outgoing::retagged(None, frame))
     } else {
-        let sent = shared.peers.send(ff);
+        let sent = shared.peers.send(to, Outgoing::to_host(frame));
         if sent {
             inc(&shared.stats.fetch_to_hosts);
         }
@@ -998,27 +1005,27 @@ fn relay_fetch(shared: &Shared, exec: ExecId, ff: FetchFrame) {
             shared.stats.ops.pages_relayed(to, pages);
         }
     } else if let Some(r) = refusal {
-        shared.to_executor(exec, &LinkFrame::Fetch(r));
+        shared.to_executor(exec, Outgoing::fetch_to_executor(r));
     }
 }
 
 /// A frame on a link from the host agent of `host`: a fetch frame for a
 /// replica here, delivered if the placement agrees; a request that cannot be
 /// delivered is refused over this agent's own link to `host`.
-fn relay_from_host(shared: &Shared, host: &str, body: &[u8]) {
-    let Some(ff) = crate::hostpeer::decode_fetch(body) else {
+fn relay_from_host(shared: &Shared, host: &str, body: &Bytes) {
+    let Ok((head, frame)) = relay::fetch_from_host(body) else {
         return inc(&shared.stats.frames_malformed);
     };
-    if !shared.peers.accepts_from(host, &ff) {
+    if !shared.peers.accepts_from(host, &head) {
         return inc(&shared.stats.frames_misrouted);
     }
     inc(&shared.stats.fetch_from_hosts);
-    let to = ff.to;
-    let refusal = ff.unreachable("not connected to its host agent");
-    if shared.connected(to) && shared.to_executor(to, &LinkFrame::Fetch(ff)) {
+    let to = head.to;
+    let refusal = head.unreachable("not connected to its host agent");
+    if shared.connected(to) && shared.to_executor(to, Outgoing::retagged(None, frame)) {
         inc(&shared.stats.fetch_relayed);
     } else if let Some(r) = refusal {
-        shared.peers.send(r);
+        shared.peers.send(r.to, Outgoing::fetch_to_host(r));
     }
 }
 
@@ -1133,15 +1140,26 @@ async fn agreement_conn(
                 tracing::info!(replica = r, "agreement replica connected");
                 continue;
             };
-            match codec::decode::<Frame>(&body) {
-                Ok(Frame::Exec(env)) => match env.route {
-                    ExecRoute::ToExecutor { from: f, to } if f == from => {
-                        if shared.to_executor(to, &LinkFrame::Exec(env)) {
-                            inc(&stats.envelopes_to_executors);
-                        }
+            match relay::exec_from_agreement(&body) {
+                Some(Ok((ExecRoute::ToExecutor { from: f, to }, envelope))) if f == from => {
+                    let out = Outgoing::retagged(Some(LinkFrame::EXEC_TAG), envelope);
+                    if shared.to_executor(to, out) {
+                        inc(&stats.envelopes_to_executors);
                     }
-                    _ => inc(&stats.frames_misrouted),
-                },
+                    continue;
+                }
+                Some(Ok(_)) => {
+                    inc(&stats.frames_misrouted);
+                    continue;
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(replica = from, error = %e, "malformed envelope");
+                    inc(&stats.frames_malformed);
+                    continue;
+                }
+                None => {}
+            }
+            match codec::decode::<Frame>(&body) {
                 Ok(Frame::HostCommand(cmd)) => {
                     let verdict = lock(&shared.gate).on_command(&cmd);
                     match verdict {

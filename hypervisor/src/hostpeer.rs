@@ -24,14 +24,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use zz_executor::link::{FetchFrame, LinkFrame};
+use zz_executor::link::FetchHead;
 use zz_wire::codec;
 use zz_wire::config::ClusterConfig;
 use zz_wire::exec::ExecId;
+
+use crate::relay::Outgoing;
 use zz_wire::frame::write_frame;
 use zz_wire::message::Frame;
 
@@ -43,7 +45,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// One outbound link: its queue and whether it is connected.
 struct PeerLink {
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Outgoing>,
     up: Arc<AtomicBool>,
 }
 
@@ -114,41 +116,22 @@ impl HostPeers {
 
     /// Whether a frame that arrived from `host` may be delivered here: its
     /// sender runs on `host`, its target on this host.
-    pub fn accepts_from(&self, host: &str, ff: &FetchFrame) -> bool {
+    pub fn accepts_from(&self, host: &str, ff: &FetchHead) -> bool {
         self.host_of(ff.from) == Some(host) && self.host_of(ff.to) == Some(self.me.as_str())
     }
 
-    /// Queues `ff` for the host its target is placed on. False when that
-    /// host has no link, its link is down, or its queue is full: the caller
-    /// then refuses the request so the fetcher asks another peer.
-    pub fn send(&self, ff: FetchFrame) -> bool {
-        let Some(link) = self.host_of(ff.to).and_then(|h| self.links.get(h)) else {
+    /// Queues `frame` (a [`Frame::Fetch`], see [`Outgoing::to_host`]) for
+    /// the host `to` is placed on. False when that host has no link, its
+    /// link is down, or its queue is full: the caller then refuses the
+    /// request so the fetcher asks another peer.
+    pub fn send(&self, to: ExecId, frame: Outgoing) -> bool {
+        let Some(link) = self.host_of(to).and_then(|h| self.links.get(h)) else {
             return false;
         };
         if !link.up.load(Ordering::Relaxed) {
             return false;
         }
-        link.tx.try_send(encode_fetch(ff)).is_ok()
-    }
-}
-
-/// `ff` as one framed [`Frame::Fetch`] for a link between host agents.
-pub fn encode_fetch(ff: FetchFrame) -> Bytes {
-    let frame = Frame::Fetch(codec::encode(&LinkFrame::Fetch(ff)));
-    let mut buf = BytesMut::new();
-    write_frame(&mut buf, &codec::encode(&frame));
-    buf.freeze()
-}
-
-/// The fetch frame in one frame body from a link between host agents, or
-/// `None` if it holds anything else or does not decode.
-pub fn decode_fetch(body: &[u8]) -> Option<FetchFrame> {
-    match codec::decode::<Frame>(body) {
-        Ok(Frame::Fetch(inner)) => match LinkFrame::decode(&inner) {
-            Ok(LinkFrame::Fetch(ff)) => Some(ff),
-            _ => None,
-        },
-        _ => None,
+        link.tx.try_send(frame).is_ok()
     }
 }
 
@@ -157,7 +140,7 @@ async fn link_task(
     me: String,
     host: String,
     addr: SocketAddr,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: mpsc::Receiver<Outgoing>,
     up: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -207,13 +190,13 @@ async fn link_task(
             let Some(frame) = frame else {
                 break true;
             };
-            if w.write_all(&frame).await.is_err() {
+            if write_outgoing(&mut w, &frame).await.is_err() {
                 break false;
             }
             // Write what else is queued, then flush once.
             let mut failed = false;
             while let Ok(more) = rx.try_recv() {
-                if w.write_all(&more).await.is_err() {
+                if write_outgoing(&mut w, &more).await.is_err() {
                     failed = true;
                     break;
                 }
@@ -230,10 +213,15 @@ async fn link_task(
     }
 }
 
+async fn write_outgoing(w: &mut BufWriter<TcpStream>, o: &Outgoing) -> std::io::Result<()> {
+    w.write_all(o.head()).await?;
+    w.write_all(o.body()).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use zz_statefetch::Request;
+    use zz_executor::link::FetchBodyHead;
     use zz_wire::config::{ExecutorEntry, HostEntry};
 
     fn config() -> ClusterConfig {
@@ -275,31 +263,16 @@ mod tests {
         cfg
     }
 
-    fn frame(from: u32, to: u32) -> FetchFrame {
-        FetchFrame {
+    fn frame(from: u32, to: u32) -> FetchHead {
+        FetchHead {
             from: ExecId {
                 app: 1,
                 index: from,
             },
             to: ExecId { app: 1, index: to },
             id: 1,
-            body: zz_executor::link::FetchBody::Request(Request::Info),
-            mac: Some([7; 16]),
+            body: FetchBodyHead::Request,
         }
-    }
-
-    #[test]
-    fn a_fetch_frame_survives_the_link_encoding_and_garbage_does_not_decode() {
-        let ff = frame(2, 0);
-        let mut wire = BytesMut::from(&encode_fetch(ff.clone())[..]);
-        let body = zz_wire::frame::FrameDecoder::new(1 << 20)
-            .decode(&mut wire)
-            .unwrap()
-            .expect("one whole frame");
-        assert_eq!(decode_fetch(&body), Some(ff));
-        assert_eq!(decode_fetch(b"\x07garbage"), None);
-        let hello = codec::encode(&Frame::HostPeer { host: "h1".into() });
-        assert_eq!(decode_fetch(&hello), None);
     }
 
     #[test]
@@ -324,7 +297,10 @@ mod tests {
         assert!(p.is_peer("h1") && !p.is_peer("h0"));
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(
-            !p.send(frame(0, 2)),
+            !p.send(
+                ExecId { app: 1, index: 2 },
+                Outgoing::fetch_to_host(frame(2, 0).unreachable("x").unwrap())
+            ),
             "refused at once, so the fetcher moves on"
         );
     }

@@ -18,7 +18,8 @@
 //!   execution replicas, relays their frames to and from agreement replicas
 //!   and between each other, and carries out authorized host commands;
 //!   [`hostpeer`]: its links to the other host agents, which carry state
-//!   fetch between replicas on different hosts.
+//!   fetch between replicas on different hosts; [`relay`]: how it forwards
+//!   frames by their route without decoding or copying them.
 //! - [`hostd_ops`]: the host agent's operator side: `/metrics` and `/status`
 //!   over HTTP, and operator-signed fault drills.
 //!
@@ -36,6 +37,7 @@ pub mod hostpeer;
 pub mod libvirt;
 pub mod lifecycle;
 pub mod process;
+pub mod relay;
 pub mod vmlink;
 
 pub use gate::{CommandGate, Fire, Ignored, Rejected, Verdict};

@@ -233,16 +233,34 @@ pub struct ExecEnvelope {
     pub mac: Mac,
 }
 
+/// An [`ExecEnvelope`] decoded in place: its payload is a slice of the
+/// bytes it was decoded from. Host agents check an envelope's route with it
+/// and forward the bytes they received, without copying the payload.
+#[derive(Debug, Deserialize)]
+pub struct ExecEnvelopeRef<'a> {
+    pub route: ExecRoute,
+    #[serde(borrow)]
+    pub payload: &'a [u8],
+    pub mac: Mac,
+}
+
+impl<'a> ExecEnvelopeRef<'a> {
+    /// Decodes a whole envelope encoding (trailing bytes are an error).
+    pub fn decode(bytes: &'a [u8]) -> Result<Self, crate::WireError> {
+        crate::codec::decode_borrowed(bytes)
+    }
+}
+
 impl ExecEnvelope {
-    fn mac_input(route: &ExecRoute, payload: &[u8]) -> Vec<u8> {
-        let mut v = crate::codec::encode(route);
-        v.extend_from_slice(payload);
-        v
+    /// The MAC of the route's encoding then the payload (hashed in place:
+    /// an order's payload can be megabytes).
+    fn mac_of(route: &ExecRoute, payload: &[u8], key: &MacKey) -> Mac {
+        key.mac_parts(&[&crate::codec::encode(route), payload])
     }
 
     pub fn seal(route: ExecRoute, msg: &ExecMessage, key: &MacKey) -> Self {
         let payload = crate::codec::encode(msg);
-        let mac = key.mac(&Self::mac_input(&route, &payload));
+        let mac = Self::mac_of(&route, &payload, key);
         ExecEnvelope {
             route,
             payload,
@@ -251,7 +269,10 @@ impl ExecEnvelope {
     }
 
     pub fn open(&self, key: &MacKey) -> Result<ExecMessage, crate::WireError> {
-        if !key.verify(&Self::mac_input(&self.route, &self.payload), &self.mac) {
+        if !key.verify_parts(
+            &[&crate::codec::encode(&self.route), &self.payload],
+            &self.mac,
+        ) {
             return Err(crate::WireError::BadMac(format!("{:?}", self.route)));
         }
         crate::codec::decode(&self.payload)

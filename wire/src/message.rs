@@ -64,12 +64,13 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn mac_input(replica: ReplicaId, client: ClientId, req_id: u64, result: &[u8]) -> Vec<u8> {
-        let mut v = Vec::with_capacity(24 + result.len());
+    /// What the MAC covers ahead of the result (hashed in place, not copied
+    /// behind this header: results run to 64 KiB).
+    fn mac_header(replica: ReplicaId, client: ClientId, req_id: u64) -> Vec<u8> {
+        let mut v = Vec::with_capacity(24);
         v.extend_from_slice(&replica.to_le_bytes());
         v.extend_from_slice(&client.to_le_bytes());
         v.extend_from_slice(&req_id.to_le_bytes());
-        v.extend_from_slice(result);
         v
     }
 
@@ -81,7 +82,7 @@ impl Reply {
         result: Vec<u8>,
         key: &MacKey,
     ) -> Self {
-        let mac = key.mac(&Self::mac_input(replica, client, req_id, &result));
+        let mac = key.mac_parts(&[&Self::mac_header(replica, client, req_id), &result]);
         Reply {
             view,
             replica,
@@ -93,8 +94,11 @@ impl Reply {
     }
 
     pub fn verify(&self, key: &MacKey) -> bool {
-        key.verify(
-            &Self::mac_input(self.replica, self.client, self.req_id, &self.result),
+        key.verify_parts(
+            &[
+                &Self::mac_header(self.replica, self.client, self.req_id),
+                &self.result,
+            ],
             &self.mac,
         )
     }
@@ -382,9 +386,43 @@ pub enum Frame {
     Fetch(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
+impl Frame {
+    /// The first four bytes of an encoded [`Frame::Exec`]: its variant index.
+    /// The rest is the envelope's own encoding, so a relay can re-tag an
+    /// envelope for another framing without decoding or copying it.
+    pub const EXEC_TAG: [u8; 4] = 3u32.to_le_bytes();
+    /// The first four bytes of an encoded [`Frame::Fetch`]; then the inner
+    /// frame's length (u64, little-endian) and its bytes.
+    pub const FETCH_TAG: [u8; 4] = 8u32.to_le_bytes();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tags_are_the_encodings_variant_indices() {
+        let env = crate::exec::ExecEnvelope {
+            route: crate::exec::ExecRoute::ToAgreement {
+                from: crate::exec::ExecId { app: 1, index: 2 },
+                to: 3,
+            },
+            payload: vec![9; 5],
+            mac: [7; 16],
+        };
+        let bytes = crate::codec::encode(&Frame::Exec(env.clone()));
+        assert_eq!(bytes[..4], Frame::EXEC_TAG);
+        assert_eq!(bytes[4..], crate::codec::encode(&env)[..]);
+        let view = crate::exec::ExecEnvelopeRef::decode(&bytes[4..]).unwrap();
+        assert_eq!(
+            (view.route, view.payload, view.mac),
+            (env.route, &env.payload[..], env.mac)
+        );
+        let bytes = crate::codec::encode(&Frame::Fetch(vec![1, 2, 3]));
+        assert_eq!(bytes[..4], Frame::FETCH_TAG);
+        assert_eq!(bytes[4..12], 3u64.to_le_bytes());
+        assert_eq!(bytes[12..], [1, 2, 3]);
+    }
 
     #[test]
     fn envelope_rejects_forgery_and_corruption() {
