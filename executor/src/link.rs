@@ -104,7 +104,7 @@ impl FetchFrame {
     }
 
     fn mac_with(&self, key: &MacKey) -> Mac {
-        key.mac_encoded(FETCH_MAC_DOMAIN, &mac_input(self))
+        key.mac_parts(&[FETCH_MAC_DOMAIN, &mac_input(self)])
     }
 
     /// A host agent's refusal: the one frame that carries no MAC.
@@ -194,7 +194,7 @@ impl FetchKeys {
         };
         match &ff.mac {
             None => FetchCheck::Forged("no MAC"),
-            Some(mac) if key.verify_encoded(FETCH_MAC_DOMAIN, &mac_input(ff), mac) => {
+            Some(mac) if key.verify_parts(&[FETCH_MAC_DOMAIN, &mac_input(ff)], mac) => {
                 FetchCheck::Authentic
             }
             Some(_) => FetchCheck::Forged("wrong MAC"),
@@ -276,13 +276,17 @@ fn host_refusal(requester: ExecId, target: ExecId, id: u64, why: &str) -> FetchF
     }
 }
 
-fn mac_input(ff: &FetchFrame) -> MacInput<'_> {
-    MacInput {
+/// The encoding a fetch frame's MAC covers. Hashed as one buffer: feeding
+/// blake3 the encoding as it is produced (page by page, each behind a few
+/// header bytes) loses its many-chunks-at-once speed, and measured slower
+/// than this copy (16 MiB recovery: full state 650-840 ms against 530-640).
+fn mac_input(ff: &FetchFrame) -> Vec<u8> {
+    zz_wire::codec::encode(&MacInput {
         from: ff.from,
         to: ff.to,
         id: ff.id,
         body: &ff.body,
-    }
+    })
 }
 
 impl LinkFrame {

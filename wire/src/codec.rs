@@ -24,14 +24,6 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
         .expect("encoding an in-memory value cannot fail")
 }
 
-/// Encodes a value into `w` (a hasher, say): the bytes of [`encode`],
-/// written as they are produced. `w` must not fail.
-pub fn encode_into<T: Serialize, W: std::io::Write>(w: W, value: &T) {
-    options(usize::MAX)
-        .serialize_into(w, value)
-        .expect("encoding an in-memory value into an infallible writer cannot fail")
-}
-
 /// Encodes a value as one frame (see [`crate::frame`]): the 4-byte
 /// big-endian length, then the encoding, written into one buffer sized
 /// exactly, so a large message is neither copied nor reallocated on its way

@@ -68,24 +68,6 @@ impl MacKey {
         out
     }
 
-    /// The MAC of `prefix` followed by the [`crate::codec`] encoding of
-    /// `value`, hashed as the encoding is produced: equal to
-    /// `mac_parts(&[prefix, &encode(value)])` without building the encoding
-    /// (a megabyte for a page batch).
-    pub fn mac_encoded<T: Serialize>(&self, prefix: &[u8], value: &T) -> Mac {
-        let mut h = blake3::Hasher::new_keyed(&self.0);
-        h.update(prefix);
-        crate::codec::encode_into(&mut h, value);
-        let mut out = [0u8; 16];
-        out.copy_from_slice(&h.finalize().as_bytes()[..16]);
-        out
-    }
-
-    /// Constant-time check of [`MacKey::mac_encoded`].
-    pub fn verify_encoded<T: Serialize>(&self, prefix: &[u8], value: &T, mac: &Mac) -> bool {
-        macs_equal(&self.mac_encoded(prefix, value), mac)
-    }
-
     /// Constant-time check of `mac` over `data`.
     pub fn verify(&self, data: &[u8], mac: &Mac) -> bool {
         macs_equal(&self.mac(data), mac)
@@ -203,20 +185,6 @@ pub fn parse_public_key(hex_str: &str) -> Result<VerifyingKey, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_mac_over_an_encoding_is_the_mac_of_its_bytes() {
-        let key = MacKey([4; 32]);
-        let value = (9u64, vec![7u8; 10_000], "page".to_string());
-        let mac = key.mac_encoded(b"domain", &value);
-        assert_eq!(
-            mac,
-            key.mac_parts(&[b"domain", &crate::codec::encode(&value)])
-        );
-        assert!(key.verify_encoded(b"domain", &value, &mac));
-        assert!(!key.verify_encoded(b"other", &value, &mac));
-        assert!(!MacKey([5; 32]).verify_encoded(b"domain", &value, &mac));
-    }
 
     #[test]
     fn pairwise_keys_agree_and_differ_per_pair() {
