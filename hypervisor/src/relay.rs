@@ -6,9 +6,9 @@
 //! that was three fresh megabyte buffers and three copies per hop, and the
 //! fresh memory cost the host agent more in page faults than the copies):
 //! the agent reads the route from the frame's leading bytes and forwards the
-//! body it received — a slice of its read buffer — behind a new length
-//! prefix and, where the two framings number their variants differently, a
-//! new variant tag.
+//! body it received (a slice of its read buffer, or a copy if it is short)
+//! behind a new length prefix and, where the two framings number their
+//! variants differently, a new variant tag.
 //!
 //! - executor → agreement: `LinkFrame::Exec` becomes `Frame::Exec`; the
 //!   envelope is checked whole (its route, and that it decodes), in place.
@@ -26,6 +26,22 @@ use zz_wire::WireError;
 
 /// Largest head: a length prefix, a variant tag and an inner length.
 const MAX_HEAD: usize = 16;
+
+/// Bodies shorter than this are copied out of the read buffer rather than
+/// shared with it. A queued slice keeps its whole buffer alive, and a small
+/// frame for a replica that does not read (paused, or slow) would otherwise
+/// pin a read buffer of [`crate::hostd`]'s 64 KiB chunks per frame; a body
+/// at least this long shares a buffer no more than about twice its size.
+const SHARE_AT_LEAST: usize = 64 * 1024;
+
+/// `body`, or a copy of it if short (see [`SHARE_AT_LEAST`]).
+fn detached(body: Bytes) -> Bytes {
+    if body.len() < SHARE_AT_LEAST {
+        Bytes::copy_from_slice(&body)
+    } else {
+        body
+    }
+}
 
 /// One frame queued for a stream: a short head, then a body that may be
 /// shared with the buffer it was read into.
@@ -57,7 +73,7 @@ impl Outgoing {
         Outgoing {
             head,
             head_len: 4 + tag_len as u8,
-            body,
+            body: detached(body),
         }
     }
 
@@ -71,7 +87,7 @@ impl Outgoing {
         Outgoing {
             head,
             head_len: 16,
-            body,
+            body: detached(body),
         }
     }
 
@@ -298,6 +314,22 @@ mod tests {
             LinkFrame::decode(&unframe(&Outgoing::fetch_to_executor(refusal.clone()))).unwrap(),
             LinkFrame::Fetch(refusal)
         );
+    }
+
+    #[test]
+    fn a_short_body_is_copied_and_a_long_one_shared() {
+        let buffer = Bytes::from(vec![1u8; 4 * SHARE_AT_LEAST]);
+        let short = buffer.slice(10..110);
+        let long = buffer.slice(10..10 + SHARE_AT_LEAST);
+        let out = Outgoing::retagged(None, short.clone());
+        assert_eq!(out.body(), &short[..]);
+        assert_ne!(
+            out.body().as_ptr(),
+            short.as_ptr(),
+            "copied out of the buffer"
+        );
+        let out = Outgoing::to_host(long.clone());
+        assert_eq!(out.body().as_ptr(), long.as_ptr(), "shared");
     }
 
     #[test]
