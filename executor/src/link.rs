@@ -94,15 +94,6 @@ pub enum FetchBody {
 }
 
 impl FetchFrame {
-    /// The refusal a host agent sends back in place of the response to a
-    /// request it cannot deliver.
-    pub fn unreachable(&self, why: &str) -> Option<FetchFrame> {
-        match self.body {
-            FetchBody::Request(_) => Some(host_refusal(self.from, self.to, self.id, why)),
-            FetchBody::Response(_) => None,
-        }
-    }
-
     fn mac_with(&self, key: &MacKey) -> Mac {
         key.mac_parts(&[FETCH_MAC_DOMAIN, &mac_input(self)])
     }
@@ -252,27 +243,21 @@ impl FetchHead {
     }
 
     /// The refusal a host agent sends back in place of the response to a
-    /// request it cannot deliver (as [`FetchFrame::unreachable`]).
+    /// request it cannot deliver; `None` for a response.
     pub fn unreachable(&self, why: &str) -> Option<FetchFrame> {
         match self.body {
-            FetchBodyHead::Request => Some(host_refusal(self.from, self.to, self.id, why)),
+            FetchBodyHead::Request => Some(FetchFrame {
+                from: self.to,
+                to: self.from,
+                id: self.id,
+                body: FetchBody::Response(Response::Refused {
+                    kind: RefusalKind::Internal,
+                    detail: format!("{} unreachable: {why}", self.to),
+                }),
+                mac: None,
+            }),
             FetchBodyHead::Response(_) => None,
         }
-    }
-}
-
-/// A host agent's answer to request `id` from `requester` that it cannot
-/// deliver to `target`.
-fn host_refusal(requester: ExecId, target: ExecId, id: u64, why: &str) -> FetchFrame {
-    FetchFrame {
-        from: target,
-        to: requester,
-        id,
-        body: FetchBody::Response(Response::Refused {
-            kind: RefusalKind::Internal,
-            detail: format!("{target} unreachable: {why}"),
-        }),
-        mac: None,
     }
 }
 
@@ -355,13 +340,19 @@ mod tests {
             got.push(LinkFrame::decode(&body).unwrap());
         }
         assert_eq!(got, frames);
-        let refusal = req.unreachable("not connected").unwrap();
+        let refusal = head_of(&req).unreachable("not connected").unwrap();
         assert_eq!((refusal.from, refusal.to, refusal.id), (b, a, 7));
         assert!(matches!(
             refusal.body,
             FetchBody::Response(Response::Refused { .. })
         ));
-        assert!(refusal.unreachable("x").is_none());
+        assert!(head_of(&refusal).unreachable("x").is_none());
+    }
+
+    /// The head a host agent reads from `ff` on the stream.
+    fn head_of(ff: &FetchFrame) -> FetchHead {
+        let bytes = zz_wire::codec::encode(&LinkFrame::Fetch(ff.clone()));
+        FetchHead::decode(&bytes[4..]).unwrap()
     }
 
     #[test]
@@ -443,7 +434,11 @@ mod tests {
                     body: want
                 }
             );
-            assert_eq!(head.unreachable("x"), ff.unreachable("x"));
+            // Only a request gets a refusal.
+            assert_eq!(
+                head.unreachable("x").is_some(),
+                matches!(ff.body, FetchBody::Request(_))
+            );
         }
         let env = zz_wire::codec::encode(&LinkFrame::Exec(ExecEnvelope {
             route: zz_wire::exec::ExecRoute::ToAgreement { from: id(0), to: 1 },
@@ -546,7 +541,7 @@ mod tests {
         let req = keys[0]
             .seal(id(1), 3, FetchBody::Request(Request::Info))
             .unwrap();
-        let refusal = req.unreachable("not connected").unwrap();
+        let refusal = head_of(&req).unreachable("not connected").unwrap();
         assert_eq!(refusal.mac, None);
         assert_eq!(keys[0].check(&refusal), FetchCheck::HostRefusal);
         // Without a MAC, a refusal that would count against the peer, a

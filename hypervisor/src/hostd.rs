@@ -262,12 +262,12 @@ async fn write_queued<W: tokio::io::AsyncWrite + Unpin>(
     let mut w = BufWriter::with_capacity(64 * 1024, w);
     while let Some(o) = rx.recv().await {
         queued.fetch_sub(o.len(), Ordering::Relaxed);
-        if write_outgoing(&mut w, &o).await.is_err() {
+        if o.write_to(&mut w).await.is_err() {
             return;
         }
         while let Ok(o) = rx.try_recv() {
             queued.fetch_sub(o.len(), Ordering::Relaxed);
-            if write_outgoing(&mut w, &o).await.is_err() {
+            if o.write_to(&mut w).await.is_err() {
                 return;
             }
         }
@@ -275,14 +275,6 @@ async fn write_queued<W: tokio::io::AsyncWrite + Unpin>(
             return;
         }
     }
-}
-
-async fn write_outgoing<W: tokio::io::AsyncWrite + Unpin>(
-    w: &mut BufWriter<W>,
-    o: &Outgoing,
-) -> std::io::Result<()> {
-    w.write_all(o.head()).await?;
-    w.write_all(o.body()).await
 }
 
 /// Most bytes kept for an executor that is not connected (a woken replica

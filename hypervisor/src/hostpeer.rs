@@ -32,10 +32,10 @@ use zz_executor::link::FetchHead;
 use zz_wire::codec;
 use zz_wire::config::ClusterConfig;
 use zz_wire::exec::ExecId;
-
-use crate::relay::Outgoing;
 use zz_wire::frame::write_frame;
 use zz_wire::message::Frame;
+
+use crate::relay::Outgoing;
 
 /// Frames queued per peer host before new ones are refused.
 const LINK_QUEUE: usize = 4096;
@@ -190,13 +190,13 @@ async fn link_task(
             let Some(frame) = frame else {
                 break true;
             };
-            if write_outgoing(&mut w, &frame).await.is_err() {
+            if frame.write_to(&mut w).await.is_err() {
                 break false;
             }
             // Write what else is queued, then flush once.
             let mut failed = false;
             while let Ok(more) = rx.try_recv() {
-                if write_outgoing(&mut w, &more).await.is_err() {
+                if more.write_to(&mut w).await.is_err() {
                     failed = true;
                     break;
                 }
@@ -211,11 +211,6 @@ async fn link_task(
         }
         tracing::warn!(%host, %addr, "link to host agent lost; reconnecting");
     }
-}
-
-async fn write_outgoing(w: &mut BufWriter<TcpStream>, o: &Outgoing) -> std::io::Result<()> {
-    w.write_all(o.head()).await?;
-    w.write_all(o.body()).await
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@
 //!   which drops and counts what does not decode.
 
 use bytes::Bytes;
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use zz_executor::link::{FetchFrame, FetchHead, LinkFrame};
 use zz_wire::exec::{ExecEnvelopeRef, ExecRoute};
 use zz_wire::message::Frame;
@@ -101,26 +102,28 @@ impl Outgoing {
         Outgoing::to_host(Bytes::from(zz_wire::codec::encode(&LinkFrame::Fetch(ff))))
     }
 
-    pub fn head(&self) -> &[u8] {
+    fn head(&self) -> &[u8] {
         &self.head[..self.head_len as usize]
     }
 
-    pub fn body(&self) -> &[u8] {
-        &self.body
-    }
-
     /// Bytes on the stream.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.head_len as usize + self.body.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Writes the frame (the caller flushes).
+    pub(crate) async fn write_to<W: AsyncWrite + Unpin>(
+        &self,
+        w: &mut BufWriter<W>,
+    ) -> std::io::Result<()> {
+        w.write_all(self.head()).await?;
+        w.write_all(&self.body).await
     }
 
-    /// The frame as one buffer (tests).
-    pub fn to_vec(&self) -> Vec<u8> {
-        [self.head(), self.body()].concat()
+    /// The frame as one buffer.
+    #[cfg(test)]
+    fn to_vec(&self) -> Vec<u8> {
+        [self.head(), &self.body].concat()
     }
 }
 
@@ -304,7 +307,12 @@ mod tests {
             body: FetchBody::Request(Request::Info),
             ..ff
         };
-        let refusal = req.unreachable("gone").unwrap();
+        let FromExecutor::Fetch { head: req_head, .. } =
+            from_executor(Bytes::from(zz_wire::codec::encode(&LinkFrame::Fetch(req)))).unwrap()
+        else {
+            panic!("not a fetch frame")
+        };
+        let refusal = req_head.unreachable("gone").unwrap();
         let (rh, _) = fetch_from_host(&unframe(&Outgoing::fetch_to_host(refusal.clone()))).unwrap();
         assert_eq!(
             (rh.from, rh.to, rh.id),
@@ -322,14 +330,14 @@ mod tests {
         let short = buffer.slice(10..110);
         let long = buffer.slice(10..10 + SHARE_AT_LEAST);
         let out = Outgoing::retagged(None, short.clone());
-        assert_eq!(out.body(), &short[..]);
+        assert_eq!(out.body, short);
         assert_ne!(
-            out.body().as_ptr(),
+            out.body.as_ptr(),
             short.as_ptr(),
             "copied out of the buffer"
         );
         let out = Outgoing::to_host(long.clone());
-        assert_eq!(out.body().as_ptr(), long.as_ptr(), "shared");
+        assert_eq!(out.body.as_ptr(), long.as_ptr(), "shared");
     }
 
     #[test]

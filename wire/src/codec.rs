@@ -8,12 +8,16 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// Largest message any decoder accepts.
 pub const MAX_MESSAGE: usize = 32 * 1024 * 1024;
 
-fn options(limit: usize) -> impl Options {
+/// The encoding, with a limit on what decoding may allocate.
+fn base_options(limit: usize) -> impl Options {
     bincode::DefaultOptions::new()
         .with_fixint_encoding()
         .with_little_endian()
         .with_limit(limit as u64)
-        .reject_trailing_bytes()
+}
+
+fn options(limit: usize) -> impl Options {
+    base_options(limit).reject_trailing_bytes()
 }
 
 /// Encodes a value. Encoding our own in-memory types cannot fail except by
@@ -58,10 +62,7 @@ pub fn decode_borrowed<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Wir
 /// mirrors the first fields of the encoded type. For relays that route on a
 /// message's header and leave the body to its recipient.
 pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
-    bincode::DefaultOptions::new()
-        .with_fixint_encoding()
-        .with_little_endian()
-        .with_limit(MAX_MESSAGE as u64)
+    base_options(MAX_MESSAGE)
         .allow_trailing_bytes()
         .deserialize(bytes)
         .map_err(|e| WireError::Malformed(e.to_string()))
@@ -69,15 +70,7 @@ pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> 
 
 /// Decodes a value, rejecting trailing bytes and anything over [`MAX_MESSAGE`].
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
-    if bytes.len() > MAX_MESSAGE {
-        return Err(WireError::Oversized {
-            len: bytes.len(),
-            limit: MAX_MESSAGE,
-        });
-    }
-    options(MAX_MESSAGE)
-        .deserialize(bytes)
-        .map_err(|e| WireError::Malformed(e.to_string()))
+    decode_borrowed(bytes)
 }
 
 #[cfg(test)]

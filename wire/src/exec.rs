@@ -252,15 +252,16 @@ impl<'a> ExecEnvelopeRef<'a> {
 }
 
 impl ExecEnvelope {
-    /// The MAC of the route's encoding then the payload (hashed in place:
-    /// an order's payload can be megabytes).
-    fn mac_of(route: &ExecRoute, payload: &[u8], key: &MacKey) -> Mac {
-        key.mac_parts(&[&crate::codec::encode(route), payload])
+    /// What the MAC covers ahead of the payload: the route's encoding (the
+    /// payload is hashed in place, not copied behind it: an order's payload
+    /// can be megabytes).
+    fn mac_header(route: &ExecRoute) -> Vec<u8> {
+        crate::codec::encode(route)
     }
 
     pub fn seal(route: ExecRoute, msg: &ExecMessage, key: &MacKey) -> Self {
         let payload = crate::codec::encode(msg);
-        let mac = Self::mac_of(&route, &payload, key);
+        let mac = key.mac_parts(&[&Self::mac_header(&route), &payload]);
         ExecEnvelope {
             route,
             payload,
@@ -269,10 +270,7 @@ impl ExecEnvelope {
     }
 
     pub fn open(&self, key: &MacKey) -> Result<ExecMessage, crate::WireError> {
-        if !key.verify_parts(
-            &[&crate::codec::encode(&self.route), &self.payload],
-            &self.mac,
-        ) {
+        if !key.verify_parts(&[&Self::mac_header(&self.route), &self.payload], &self.mac) {
             return Err(crate::WireError::BadMac(format!("{:?}", self.route)));
         }
         crate::codec::decode(&self.payload)

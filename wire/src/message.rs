@@ -66,12 +66,18 @@ pub struct Reply {
 impl Reply {
     /// What the MAC covers ahead of the result (hashed in place, not copied
     /// behind this header: results run to 64 KiB).
-    fn mac_header(replica: ReplicaId, client: ClientId, req_id: u64) -> Vec<u8> {
-        let mut v = Vec::with_capacity(24);
-        v.extend_from_slice(&replica.to_le_bytes());
-        v.extend_from_slice(&client.to_le_bytes());
-        v.extend_from_slice(&req_id.to_le_bytes());
-        v
+    fn mac_header(replica: ReplicaId, client: ClientId, req_id: u64) -> [u8; 20] {
+        // Typed, so a change of an id's width fails to compile.
+        let (r, c, q): ([u8; 4], [u8; 8], [u8; 8]) = (
+            replica.to_le_bytes(),
+            client.to_le_bytes(),
+            req_id.to_le_bytes(),
+        );
+        let mut h = [0u8; 20];
+        h[..4].copy_from_slice(&r);
+        h[4..12].copy_from_slice(&c);
+        h[12..].copy_from_slice(&q);
+        h
     }
 
     pub fn new(
