@@ -536,8 +536,22 @@ fn serve_fetch(
         let link2 = link.clone();
         // Reading the pages and sealing up to a megabyte of them are both
         // kept off the runtime's threads.
+        let queued = Instant::now();
         let sealed = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let pages = match &req {
+                proto::Request::Pages { indices, .. } => indices.len(),
+                _ => 0,
+            };
             let mut resp = proto::handle(&store, &Limits::default(), req);
+            tracing::debug!(
+                %from,
+                id,
+                pages,
+                queued_ms = (started - queued).as_secs_f64() * 1e3,
+                handle_ms = started.elapsed().as_secs_f64() * 1e3,
+                "served a fetch request"
+            );
             if lie_pages {
                 crate::fault::corrupt_served_pages(&mut resp);
             }

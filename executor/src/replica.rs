@@ -22,7 +22,8 @@
 //!   [`Order::digest`] as the order executed there) is answered by sending
 //!   the [`Executed`] of that `app_seq` again, to the agreement replica that
 //!   repeated it only ([`Ready::direct`]), from a result cache kept since
-//!   the last stable checkpoint (bounded by the window). Agreement replicas
+//!   the last stable checkpoint (bounded by the window), less the replies a
+//!   later reply to the same client superseded. Agreement replicas
 //!   rely on it: after a reconfiguration they re-send every order since the
 //!   stable checkpoint to the whole active set, and they retransmit orders
 //!   whose digests went missing. An executed `app_seq` with another digest,
@@ -242,6 +243,10 @@ pub struct ExecutionCore {
     /// What each app_seq executed since the last stable checkpoint produced,
     /// with the digest of its order: repeated orders are answered from it.
     results: BTreeMap<AppSeq, (Digest, Executed)>,
+    /// The app_seq of each client's newest reply in `results`: a repeated
+    /// order re-sends only replies that are still their client's newest.
+    /// One entry per client with a MAC key (configured), so bounded.
+    newest_reply: HashMap<ClientId, AppSeq>,
     /// Newest verified stable certificate.
     stable: Option<ExecCheckpointCert>,
     /// Highest stable app_seq already compared with our own checkpoint and
@@ -309,6 +314,7 @@ impl ExecutionCore {
             executed,
             slots: BTreeMap::new(),
             results: BTreeMap::new(),
+            newest_reply: HashMap::new(),
             stable: None,
             settled: 0,
             ready: Ready::default(),
@@ -370,6 +376,31 @@ impl ExecutionCore {
         above(self.executed) || self.stable_ahead().is_some_and(|c| above(c.app_seq))
     }
 
+    /// The [`Executed`] answering a repeated order: the cached one, less
+    /// the replies a later reply to the same client superseded. After a
+    /// reconfiguration every order since the stable checkpoint is repeated
+    /// to every active replica; re-sending every cached reply (a read's
+    /// runs to 64 KiB) to every agreement replica would flood the host
+    /// agent and the agreement replicas with replies their clients took
+    /// long ago, just while a woken replica fetches its state through the
+    /// same host agent. A client retransmitting a request whose reply was
+    /// lost is still answered, from the reply table.
+    fn repeat_of(&self, e: &Executed) -> Executed {
+        let newest = |client: &ClientId| self.newest_reply.get(client) == Some(&e.app_seq);
+        Executed {
+            app: e.app,
+            app_seq: e.app_seq,
+            exec: e.exec,
+            digest: e.digest,
+            replies: e
+                .replies
+                .iter()
+                .filter(|r| newest(&r.client))
+                .cloned()
+                .collect(),
+        }
+    }
+
     fn on_order_inner(&mut self, from: ReplicaId, order: Order) -> Result<(), Rejected> {
         if self.crashed {
             return Err(Rejected::Crashed);
@@ -385,9 +416,8 @@ impl ExecutionCore {
             if let Some((d, e)) = self.results.get(&app_seq) {
                 if *d == order.digest() {
                     self.metrics.orders_repeated += 1;
-                    self.ready
-                        .direct
-                        .push((from, ExecMessage::Executed(e.clone())));
+                    let again = self.repeat_of(e);
+                    self.ready.direct.push((from, ExecMessage::Executed(again)));
                     return Ok(());
                 }
             }
@@ -729,6 +759,9 @@ impl ExecutionCore {
             digest,
             replies,
         };
+        for r in &executed.replies {
+            self.newest_reply.insert(r.client, app_seq);
+        }
         self.results
             .insert(app_seq, (order_digest, executed.clone()));
         while self.results.len() as u64 > self.p.window {
@@ -805,6 +838,7 @@ impl ExecutionCore {
         self.settled = self.settled.max(cert.app_seq);
         self.slots.retain(|s, _| *s > cert.app_seq);
         self.results.clear();
+        self.newest_reply.clear();
         if self
             .stable
             .as_ref()

@@ -668,6 +668,7 @@ async fn fetch_one(
         indices: indices.clone(),
         proofs: true,
     };
+    let t_ask = Instant::now();
     let fetched = sh
         .ask_hedged(sh.config.hedge_after, request, |resp| {
             let reply = proto::check_pages(seq, root, Some(n), &indices, resp)?;
@@ -693,6 +694,13 @@ async fn fetch_one(
             return;
         }
     };
+    tracing::debug!(
+        pages = indices.len(),
+        first = indices[0],
+        reader = deliver.is_some(),
+        ms = t_ask.elapsed().as_secs_f64() * 1e3,
+        "statefetch: fetched"
+    );
     // check_pages returned the pages in the order asked: the reader's first.
     let mine = pages[0].1.clone();
     let staged: Vec<(u64, Arc<Vec<u8>>)> = {

@@ -855,8 +855,15 @@ fn repeated_orders_are_answered_from_the_result_cache() {
     let dir = tempfile::tempdir().unwrap();
     let k = 4;
     let mut core = core_at(&keys, 0, k, dir.path(), FaultPlan::default());
+    // Client 100 writes at every app_seq; client 102 only at app_seq 2.
     let orders: Vec<Order> = (1..=6)
-        .map(|s| order(s, vec![put(100, s, "k", &[s as u8])]))
+        .map(|s| {
+            let mut requests = vec![put(100, s, "k", &[s as u8])];
+            if s == 2 {
+                requests.push(put(102, 1, "m", b"once"));
+            }
+            order(s, requests)
+        })
         .collect();
     let mut first = BTreeMap::new();
     let mut cks = Vec::new();
@@ -873,7 +880,11 @@ fn repeated_orders_are_answered_from_the_result_cache() {
 
     // Replica 3 (which never sent it) and replica 0 repeat app_seq 2: each
     // gets the same Executed again, addressed to it alone, and nothing is
-    // re-executed.
+    // re-executed. Client 100's reply there was superseded by its later
+    // ones and is not sent again; client 102's is still its newest.
+    let mut again = first[&2].clone();
+    assert_eq!(again.replies.len(), 2);
+    again.replies.retain(|r| r.client == 102);
     core.on_order(3, orders[1].clone()).unwrap();
     core.on_order(0, orders[1].clone()).unwrap();
     let ready = core.ready().unwrap();
@@ -881,7 +892,7 @@ fn repeated_orders_are_answered_from_the_result_cache() {
     assert_eq!(ready.direct.len(), 2);
     for ((to, m), want) in ready.direct.iter().zip([3, 0]) {
         assert_eq!(*to, want);
-        assert_eq!(m, &ExecMessage::Executed(first[&2].clone()));
+        assert_eq!(m, &ExecMessage::Executed(again.clone()));
         let env = core.seal_to(*to, m).unwrap();
         let key = keys.agreement[*to as usize].shared_mac_key(&keys.execs[0].public());
         assert_eq!(&env.open(&key).unwrap(), m);
@@ -889,6 +900,14 @@ fn repeated_orders_are_answered_from_the_result_cache() {
     assert!(core.seal_to(9, &ready.direct[0].1).is_none());
     assert_eq!(core.metrics().requests_executed, before);
     assert_eq!(core.metrics().orders_repeated, 2);
+
+    // The newest reply of client 100 (app_seq 6) is sent again in full.
+    core.on_order(2, orders[5].clone()).unwrap();
+    let ready = core.ready().unwrap();
+    assert_eq!(
+        ready.direct,
+        vec![(2, ExecMessage::Executed(first[&6].clone()))]
+    );
 
     // Another order at an executed app_seq is stale, not answered.
     let other = order(2, vec![put(101, 1, "x", b"y")]);
@@ -926,8 +945,9 @@ fn repeated_orders_are_answered_from_the_result_cache() {
     ));
     core.on_order(2, orders[4].clone()).unwrap();
     let ready = core.ready().unwrap();
-    assert_eq!(
-        ready.direct,
-        vec![(2, ExecMessage::Executed(first[&5].clone()))]
-    );
+    let superseded = Executed {
+        replies: Vec::new(),
+        ..first[&5].clone()
+    };
+    assert_eq!(ready.direct, vec![(2, ExecMessage::Executed(superseded))]);
 }
