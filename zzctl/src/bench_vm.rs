@@ -24,6 +24,8 @@ pub struct VmSpec {
     pub image: Option<PathBuf>,
     /// Memory of each VM.
     pub memory_mib: u32,
+    /// Virtual CPUs of each VM.
+    pub vcpus: u32,
     /// libvirt connection URI of the host.
     pub uri: String,
     /// Longest wait for the host agent to boot its VMs.
@@ -40,6 +42,7 @@ impl VmSpec {
             dormant: dormant.into(),
             image: None,
             memory_mib: 1024,
+            vcpus: 1,
             uri: "qemu:///system".into(),
             boot_timeout: Duration::from_secs(600),
         })
@@ -66,6 +69,7 @@ impl VmSpec {
             hostd.arg("--image").arg(image);
         }
         hostd.arg("--vm-memory").arg(self.memory_mib.to_string());
+        hostd.arg("--vm-vcpus").arg(self.vcpus.max(1).to_string());
         Ok(())
     }
 }
@@ -79,5 +83,19 @@ mod tests {
         assert!(VmSpec::new("paused").is_ok());
         assert!(VmSpec::new("saved").is_ok());
         assert!(VmSpec::new("asleep").is_err());
+    }
+
+    #[test]
+    fn the_host_agent_gets_the_vm_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = VmSpec {
+            memory_mib: 512,
+            vcpus: 2,
+            ..VmSpec::new("paused").unwrap()
+        };
+        let mut hostd = Command::new("zz-hostd");
+        spec.prepare(dir.path(), &mut hostd).unwrap();
+        let args: Vec<_> = hostd.get_args().map(|a| a.to_string_lossy()).collect();
+        assert_eq!(args, ["--vm-memory", "512", "--vm-vcpus", "2"]);
     }
 }

@@ -148,6 +148,9 @@ struct RecoveryArgs {
     /// libvirt: memory of each VM in MiB.
     #[arg(long, default_value_t = 1024)]
     vm_memory: u32,
+    /// libvirt: virtual CPUs of each VM.
+    #[arg(long, default_value_t = 1)]
+    vm_vcpus: u32,
     #[command(flatten)]
     programs: ProgramArgs,
 }
@@ -297,6 +300,7 @@ fn run(cli: Cli) -> Result<()> {
                     "process" => None,
                     "libvirt" => Some(zzctl::bench_vm::VmSpec {
                         memory_mib: a.vm_memory,
+                        vcpus: a.vm_vcpus,
                         ..zzctl::bench_vm::VmSpec::new(&a.dormant)?
                     }),
                     other => anyhow::bail!("--backend {other}: use process or libvirt"),

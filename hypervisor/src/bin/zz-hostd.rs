@@ -52,6 +52,9 @@ struct Args {
     /// libvirt hosts: memory of each replica VM in MiB (at least 80).
     #[arg(long, default_value_t = 256)]
     vm_memory: u32,
+    /// libvirt hosts: virtual CPUs of each replica VM.
+    #[arg(long, default_value_t = 1)]
+    vm_vcpus: u32,
     /// libvirt hosts: `auto` (KVM if the CPU shows vmx/svm, else TCG), `kvm` or `tcg`.
     #[arg(long, default_value = "auto")]
     accel: String,
@@ -121,6 +124,10 @@ fn real_main(args: Args) -> Result<()> {
     }
     opts.vm.image_dir = args.image;
     opts.vm.memory_mib = args.vm_memory;
+    if args.vm_vcpus == 0 {
+        anyhow::bail!("--vm-vcpus must be at least 1");
+    }
+    opts.vm.vcpus = args.vm_vcpus;
     opts.vm.accel = Some(
         zz_hypervisor::libvirt::Accel::parse(&args.accel)
             .with_context(|| format!("--accel {}: use auto, kvm or tcg", args.accel))?,
