@@ -423,37 +423,152 @@ impl MerkleTree {
                 changed.push(i);
             }
         }
-        // Level by level: first gather the children (loads independent of
-        // each other, so on a large tree their cache misses overlap), then
-        // hash and store. One pass in which every hash waited for its own
-        // cache miss is measurably slower on a 1 GiB state.
-        let mut parents: Vec<u64> = Vec::with_capacity(changed.len());
-        let mut children: Vec<(Digest, Digest)> = Vec::with_capacity(changed.len());
-        for l in 1..=new_depth {
-            parents.clear();
-            parents.extend(changed.iter().map(|c| c / 2));
-            parents.dedup();
-            children.clear();
-            children.extend(
-                parents
-                    .iter()
-                    .map(|&p| (self.node(l - 1, 2 * p), self.node(l - 1, 2 * p + 1))),
-            );
-            let old_len = old_lens[l as usize];
-            let row = &mut self.levels[l as usize];
-            changed.clear();
-            for (&p, (a, b)) in parents.iter().zip(&children) {
-                let h = node_hash(a, b);
-                let slot = &mut row[p as usize];
-                let old = (p < old_len).then_some(*slot);
-                if old != Some(h) {
-                    *slot = h;
-                    on_change(l, p, old);
-                    changed.push(p);
-                }
+        if changed.len() >= PARALLEL_MIN_LEAVES
+            && new_num_pages >= PARALLEL_MIN_PAGES
+            && parallelism() >= 2
+        {
+            // The two halves of the tree below the top node are disjoint:
+            // one thread climbs each, recording its changes, and the top is
+            // hashed after. The changes are replayed to `on_change` here
+            // (the callback need not be `Send`).
+            let below_top = new_depth - 1;
+            let mut left_rows = Vec::with_capacity(new_depth as usize);
+            let mut right_rows = Vec::with_capacity(new_depth as usize);
+            let mut right_base = Vec::with_capacity(new_depth as usize);
+            for (l, row) in self.levels[..new_depth as usize].iter_mut().enumerate() {
+                // Level l of the left half: the first 2^(below_top - l) nodes.
+                let half = 1usize << (below_top as usize - l);
+                let len = row.len();
+                let (a, b) = row.split_at_mut(half.min(len));
+                left_rows.push(a);
+                right_rows.push(b);
+                right_base.push(half as u64);
             }
+            let left_base = vec![0u64; new_depth as usize];
+            let split = changed.partition_point(|&i| i < right_base[0]);
+            let (left_changed, right_changed) = changed.split_at(split);
+            let (mut left, mut right) = (left_changed.to_vec(), right_changed.to_vec());
+            let (left_log, right_log) = std::thread::scope(|scope| {
+                let other = scope.spawn(|| {
+                    let mut log = Vec::new();
+                    climb(
+                        &mut right_rows,
+                        &right_base,
+                        &old_lens,
+                        1..=below_top,
+                        &mut right,
+                        &mut |l, i, old| log.push((l, i, old)),
+                    );
+                    log
+                });
+                let mut log = Vec::new();
+                climb(
+                    &mut left_rows,
+                    &left_base,
+                    &old_lens,
+                    1..=below_top,
+                    &mut left,
+                    &mut |l, i, old| log.push((l, i, old)),
+                );
+                (log, other.join().expect("a tree-hashing thread panicked"))
+            });
+            for (l, i, old) in left_log.into_iter().chain(right_log) {
+                on_change(l, i, old);
+            }
+            changed.clear();
+            changed.extend(left);
+            changed.extend(right);
+            let mut rows: Vec<&mut [Digest]> =
+                self.levels.iter_mut().map(|r| r.as_mut_slice()).collect();
+            let base = vec![0u64; rows.len()];
+            climb(
+                &mut rows,
+                &base,
+                &old_lens,
+                new_depth..=new_depth,
+                &mut changed,
+                &mut on_change,
+            );
+        } else {
+            let mut rows: Vec<&mut [Digest]> =
+                self.levels.iter_mut().map(|r| r.as_mut_slice()).collect();
+            let base = vec![0u64; rows.len()];
+            climb(
+                &mut rows,
+                &base,
+                &old_lens,
+                1..=new_depth,
+                &mut changed,
+                &mut on_change,
+            );
         }
         Ok(())
+    }
+}
+
+/// Changed leaves from which a tree update hashes the two halves of the
+/// tree on two threads (below it, starting a thread costs more than it
+/// saves).
+const PARALLEL_MIN_LEAVES: usize = 256;
+/// Pages from which a tree update may use two threads. The update of a
+/// large tree waits on cache misses, which two cores overlap (1 GiB, 1,000
+/// changed leaves: 1.3-1.4 ms against 1.8); a small tree's whole update
+/// takes well under a millisecond, and a thread only adds to it (16 MiB:
+/// 0.51-0.56 ms against 0.39-0.45).
+const PARALLEL_MIN_PAGES: u64 = 1 << 16;
+
+fn parallelism() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Rehashes, level by level over `levels`, the parents of the nodes in
+/// `changed` (indices at the level below the first), leaving in `changed`
+/// the indices that changed at the last level. `rows[l]` holds level `l`'s
+/// nodes from index `base[l]` on; a child past a row's end is an empty
+/// subtree. `old_lens[l]` is level `l`'s length before the update (nodes at
+/// or past it are new: `on_change` gets `None` as their old value).
+fn climb(
+    rows: &mut [&mut [Digest]],
+    base: &[u64],
+    old_lens: &[u64],
+    levels: std::ops::RangeInclusive<u32>,
+    changed: &mut Vec<u64>,
+    on_change: &mut impl FnMut(u32, u64, Option<Digest>),
+) {
+    // Level by level: first gather the children (loads independent of
+    // each other, so on a large tree their cache misses overlap), then
+    // hash and store. One pass in which every hash waited for its own
+    // cache miss is measurably slower on a 1 GiB state.
+    let mut parents: Vec<u64> = Vec::with_capacity(changed.len());
+    let mut children: Vec<(Digest, Digest)> = Vec::with_capacity(changed.len());
+    for l in levels {
+        let below = l as usize - 1;
+        parents.clear();
+        parents.extend(changed.iter().map(|c| c / 2));
+        parents.dedup();
+        children.clear();
+        {
+            let row = &rows[below];
+            let child = |i: u64| {
+                row.get((i - base[below]) as usize)
+                    .copied()
+                    .unwrap_or_else(|| empty_hash(l - 1))
+            };
+            children.extend(parents.iter().map(|&p| (child(2 * p), child(2 * p + 1))));
+        }
+        let old_len = old_lens[l as usize];
+        let row = &mut rows[l as usize];
+        changed.clear();
+        for (&p, (a, b)) in parents.iter().zip(&children) {
+            let h = node_hash(a, b);
+            let slot = &mut row[(p - base[l as usize]) as usize];
+            let old = (p < old_len).then_some(*slot);
+            if old != Some(h) {
+                *slot = h;
+                on_change(l, p, old);
+                changed.push(p);
+            }
+        }
     }
 }
 
@@ -536,12 +651,26 @@ mod tests {
         // Many scattered changes, with growth across a power of two and
         // into a new level.
         let leaf = |i: u64, v: u64| Digest::of(&[i.to_le_bytes(), v.to_le_bytes()].concat());
-        for (n0, n1) in [(3000u64, 3000u64), (3000, 5000), (4096, 4097), (1500, 2100)] {
+        // Small trees, and trees large enough for the two-thread path
+        // ([`PARALLEL_MIN_PAGES`]) with changes in both halves or in one.
+        let cases = [
+            (3000u64, 3000u64, 0..3000u64),
+            (3000, 5000, 0..3000),
+            (4096, 4097, 0..4096),
+            (1500, 2100, 0..1500),
+            (70_000, 70_000, 0..70_000),
+            (70_000, 90_000, 0..70_000),
+            (65_536, 65_537, 0..65_536),
+            (131_072, 131_072, 0..65_536),
+            (131_072, 131_072, 65_536..131_072),
+            (100_000, 100_000, 80_000..100_000),
+        ];
+        for (n0, n1, range) in cases {
             let mut leaves: Vec<Digest> = (0..n0).map(|i| leaf(i, 0)).collect();
             let mut tree = MerkleTree::from_leaves(leaves.clone());
             let before = tree.clone();
             let mut changes: Vec<(u64, Digest)> =
-                (0..n0).step_by(3).map(|i| (i, leaf(i, 1))).collect();
+                range.step_by(3).map(|i| (i, leaf(i, 1))).collect();
             changes.extend((n0..n1).map(|i| (i, leaf(i, 1))));
             for &(i, h) in &changes {
                 if i < n0 {
@@ -555,6 +684,21 @@ mod tests {
                 .unwrap();
             let full = MerkleTree::from_leaves(leaves);
             assert_eq!(tree, full, "{n0} -> {n1}");
+            // Every node that changed was reported, exactly once.
+            let reported: std::collections::HashSet<(u32, u64)> =
+                seen.iter().map(|&(l, i, _)| (l, i)).collect();
+            assert_eq!(reported.len(), seen.len(), "a node reported twice");
+            for l in 0..=depth(n1) {
+                for i in 0..level_len(l, n1) {
+                    let existed = l <= depth(n0) && i < level_len(l, n0);
+                    if !existed || before.node(l, i) != full.node(l, i) {
+                        assert!(
+                            reported.contains(&(l, i)),
+                            "{n0}->{n1}: ({l}, {i}) not reported"
+                        );
+                    }
+                }
+            }
             for (l, i, old) in seen {
                 match old {
                     Some(o) => assert_eq!(o, before.node(l, i)),
