@@ -243,9 +243,10 @@ pub struct ExecutionCore {
     /// What each app_seq executed since the last stable checkpoint produced,
     /// with the digest of its order: repeated orders are answered from it.
     results: BTreeMap<AppSeq, (Digest, Executed)>,
-    /// The app_seq of each client's newest reply in `results`: a repeated
-    /// order re-sends only replies that are still their client's newest.
-    /// One entry per client with a MAC key (configured), so bounded.
+    /// The app_seq of each client's newest reply (kept after `results` is
+    /// trimmed; an entry older than every cached app_seq matches none): a
+    /// repeated order re-sends only replies that are still their client's
+    /// newest. One entry per client with a MAC key (configured), so bounded.
     newest_reply: HashMap<ClientId, AppSeq>,
     /// Newest verified stable certificate.
     stable: Option<ExecCheckpointCert>,

@@ -517,8 +517,10 @@ const PARALLEL_MIN_LEAVES: usize = 256;
 /// 0.51-0.56 ms against 0.39-0.45).
 const PARALLEL_MIN_PAGES: u64 = 1 << 16;
 
+/// Cores available (read once: on Linux each query reads cgroup files).
 fn parallelism() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Rehashes, level by level over `levels`, the parents of the nodes in

@@ -69,7 +69,10 @@ impl VmSpec {
             hostd.arg("--image").arg(image);
         }
         hostd.arg("--vm-memory").arg(self.memory_mib.to_string());
-        hostd.arg("--vm-vcpus").arg(self.vcpus.max(1).to_string());
+        if self.vcpus == 0 {
+            bail!("--vm-vcpus must be at least 1");
+        }
+        hostd.arg("--vm-vcpus").arg(self.vcpus.to_string());
         Ok(())
     }
 }
