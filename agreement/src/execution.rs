@@ -249,6 +249,8 @@ pub struct Monitor {
     latency_ewma_ms: f64,
     /// The epoch we already signed a suspect (or verdict) for.
     suspected_epoch: Option<Epoch>,
+    /// Our latest verdict: its epoch, app_seq and faulty set.
+    own_verdict: Option<(Epoch, AppSeq, Vec<ExecIndex>)>,
     suspects: BTreeMap<Epoch, BTreeMap<ReplicaId, Signed<Suspect>>>,
     checkpoints: BTreeMap<AppSeq, BTreeMap<ExecIndex, (Digest, Signature)>>,
     pub stable: Option<ExecCheckpointCert>,
@@ -452,16 +454,30 @@ impl Monitor {
         now_ms: u64,
         min_timeout_ms: u64,
     ) -> Option<Conclusion> {
-        if self.suspected_epoch == Some(epoch) {
-            return None;
-        }
         let timeout = self.timeout_ms(min_timeout_ms);
         if recovering {
-            let c = self.verdict(active, f, now_ms, timeout);
-            if c.is_some() {
-                self.suspected_epoch = Some(epoch);
+            // A verdict reached early in the recovery epoch rests on the
+            // orders answered so far, and replicas reach it at different
+            // moments: their verdicts can name different faulty sets, none
+            // with f+1 signers (seen in the simulator: [1,2], [2], [], [0,2]
+            // from seven replicas). So while the epoch lasts, a replica signs
+            // again when a verdict over later orders names another set;
+            // peers count each replica's latest (`add_suspect`).
+            let c = self.verdict(active, f, now_ms, timeout)?;
+            let Evidence::Verdict { faulty } = &c.evidence else {
+                return None;
+            };
+            if let Some((e, seq, set)) = &self.own_verdict {
+                if *e == epoch && (set == faulty || c.app_seq <= *seq) {
+                    return None;
+                }
             }
-            return c;
+            self.own_verdict = Some((epoch, c.app_seq, faulty.clone()));
+            self.suspected_epoch = Some(epoch);
+            return Some(c);
+        }
+        if self.suspected_epoch == Some(epoch) {
+            return None;
         }
         let mut done = Vec::new();
         let mut conclusion = None;
@@ -600,11 +616,15 @@ impl Monitor {
         if e < current_epoch || e > current_epoch + 2 {
             return;
         }
-        self.suspects
-            .entry(e)
-            .or_default()
-            .entry(s.body.replica)
-            .or_insert(s);
+        // Each replica's latest suspect counts (a verdict may be signed
+        // again over later orders, see `evaluate`).
+        let by_replica = self.suspects.entry(e).or_default();
+        match by_replica.get(&s.body.replica) {
+            Some(old) if old.body.app_seq >= s.body.app_seq => {}
+            _ => {
+                by_replica.insert(s.body.replica, s);
+            }
+        }
         self.collect(current_epoch, f);
     }
 
@@ -756,7 +776,18 @@ impl Monitor {
             self.suspected_epoch,
             self.suspects
                 .iter()
-                .map(|(e, m)| (*e, m.len()))
+                .map(|(e, m)| {
+                    let evidence: Vec<String> = m
+                        .iter()
+                        .map(|(r, s)| match &s.body.evidence {
+                            Evidence::Verdict { faulty } => {
+                                format!("{r}:verdict{faulty:?}@{}", s.body.app_seq)
+                            }
+                            _ => format!("{r}:wake@{}", s.body.app_seq),
+                        })
+                        .collect();
+                    (*e, evidence)
+                })
                 .collect::<Vec<_>>(),
             self.ready_reconfigs.keys().collect::<Vec<_>>(),
             watched.join(" ")
@@ -808,6 +839,87 @@ mod tests {
             seq: app_seq,
             requests: vec![],
         }
+    }
+
+    fn verdict_by(
+        key: &KeyPair,
+        replica: ReplicaId,
+        app_seq: AppSeq,
+        faulty: Vec<ExecIndex>,
+    ) -> Signed<Suspect> {
+        Signed::sign(
+            Suspect {
+                app: 1,
+                epoch: 1,
+                app_seq,
+                replica,
+                evidence: Evidence::Verdict { faulty },
+            },
+            key,
+        )
+    }
+
+    /// A verdict reached on the orders answered so far is signed again when
+    /// later orders name another faulty set (never twice for one set); peers
+    /// count each replica's latest verdict, so f+1 latest verdicts naming
+    /// one set form the reconfiguration even though earlier ones differed.
+    #[test]
+    fn verdicts_follow_new_evidence_and_the_latest_per_replica_counts() {
+        let (f, epoch, timeout) = (1, 1, 200);
+        let active: BTreeSet<ExecIndex> = (0..3).collect();
+        let mut m = Monitor::default();
+        m.order_sent(order(1), 0);
+        m.order_sent(order(2), 0);
+        // Seq 1: replica 2 silent past the timeout; seq 2 not answered by 2 either.
+        m.record(1, 0, Digest([1; 32]));
+        m.record(1, 1, Digest([1; 32]));
+        m.record(2, 0, Digest([2; 32]));
+        m.record(2, 1, Digest([2; 32]));
+        let first = m.evaluate(epoch, &active, true, f, 300, timeout).unwrap();
+        assert_eq!(first.evidence, Evidence::Verdict { faulty: vec![2] });
+        assert_eq!(first.app_seq, 2);
+        assert!(
+            m.evaluate(epoch, &active, true, f, 310, timeout).is_none(),
+            "same evidence"
+        );
+        // Replica 2 was only late; replica 0's answer to seq 3 is the wrong one.
+        m.record(1, 2, Digest([1; 32]));
+        m.record(2, 2, Digest([2; 32]));
+        m.order_sent(order(3), 320);
+        m.record(3, 0, Digest([9; 32]));
+        m.record(3, 1, Digest([3; 32]));
+        m.record(3, 2, Digest([3; 32]));
+        let second = m.evaluate(epoch, &active, true, f, 330, timeout).unwrap();
+        assert_eq!(second.evidence, Evidence::Verdict { faulty: vec![0] });
+        assert_eq!(second.app_seq, 3);
+        assert!(m.evaluate(epoch, &active, true, f, 340, timeout).is_none());
+
+        // Peers: replica 0's first verdict, then its second; replica 1's.
+        let keys: Vec<KeyPair> = (0..4).map(|i| KeyPair::from_seed([40 + i; 32])).collect();
+        let mut peer = Monitor::default();
+        peer.add_suspect(verdict_by(&keys[0], 0, 2, vec![2]), epoch, f);
+        peer.add_suspect(verdict_by(&keys[1], 1, 3, vec![0]), epoch, f);
+        assert!(
+            peer.ready_reconfigs.is_empty(),
+            "no set has f+1 signers yet"
+        );
+        peer.add_suspect(verdict_by(&keys[0], 0, 3, vec![0]), epoch, f);
+        let r = peer
+            .ready_reconfigs
+            .get(&epoch)
+            .expect("f+1 latest verdicts agree");
+        let signers: BTreeSet<ReplicaId> = r.proofs.iter().map(|p| p.body.replica).collect();
+        assert_eq!(signers, BTreeSet::from([0, 1]));
+        assert!(r
+            .proofs
+            .iter()
+            .all(|p| p.body.evidence == Evidence::Verdict { faulty: vec![0] }));
+        // An older verdict arriving late does not replace a newer one.
+        let mut late = Monitor::default();
+        late.add_suspect(verdict_by(&keys[2], 2, 3, vec![0]), epoch, f);
+        late.add_suspect(verdict_by(&keys[2], 2, 2, vec![2]), epoch, f);
+        late.add_suspect(verdict_by(&keys[3], 3, 3, vec![0]), epoch, f);
+        assert!(late.ready_reconfigs.contains_key(&epoch));
     }
 
     fn resent_to(out: &Resends, i: ExecIndex) -> Vec<AppSeq> {

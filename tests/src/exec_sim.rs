@@ -117,9 +117,20 @@ impl SimExecutor {
                     return vec![];
                 }
                 if o.app_seq <= self.executed {
-                    // A repeated order: answer again from the result cache.
+                    // A repeated order: answer again from the result cache,
+                    // less the replies a later reply to the same client
+                    // superseded (as `ExecutionCore` does).
                     return match self.results.get(&o.app_seq) {
-                        Some((d, e)) if *d == o.digest() => vec![ExecMessage::Executed(e.clone())],
+                        Some((d, e)) if *d == o.digest() => {
+                            let later: BTreeSet<ClientId> = self
+                                .results
+                                .range(o.app_seq + 1..)
+                                .flat_map(|(_, (_, x))| x.replies.iter().map(|r| r.client))
+                                .collect();
+                            let mut e = e.clone();
+                            e.replies.retain(|r| !later.contains(&r.client));
+                            vec![ExecMessage::Executed(e)]
+                        }
                         _ => vec![],
                     };
                 }
