@@ -423,86 +423,87 @@ impl MerkleTree {
                 changed.push(i);
             }
         }
+        // With two threads, the halves below the top climb at once and the
+        // top node is left for the single climb below.
+        let mut first = 1;
         if changed.len() >= PARALLEL_MIN_LEAVES
             && new_num_pages >= PARALLEL_MIN_PAGES
             && parallelism() >= 2
         {
-            // The two halves of the tree below the top node are disjoint:
-            // one thread climbs each, recording its changes, and the top is
-            // hashed after. The changes are replayed to `on_change` here
-            // (the callback need not be `Send`).
-            let below_top = new_depth - 1;
-            let mut left_rows = Vec::with_capacity(new_depth as usize);
-            let mut right_rows = Vec::with_capacity(new_depth as usize);
-            let mut right_base = Vec::with_capacity(new_depth as usize);
-            for (l, row) in self.levels[..new_depth as usize].iter_mut().enumerate() {
-                // Level l of the left half: the first 2^(below_top - l) nodes.
-                let half = 1usize << (below_top as usize - l);
-                let len = row.len();
-                let (a, b) = row.split_at_mut(half.min(len));
-                left_rows.push(a);
-                right_rows.push(b);
-                right_base.push(half as u64);
-            }
-            let left_base = vec![0u64; new_depth as usize];
-            let split = changed.partition_point(|&i| i < right_base[0]);
-            let (left_changed, right_changed) = changed.split_at(split);
-            let (mut left, mut right) = (left_changed.to_vec(), right_changed.to_vec());
-            let (left_log, right_log) = std::thread::scope(|scope| {
-                let other = scope.spawn(|| {
-                    let mut log = Vec::new();
-                    climb(
-                        &mut right_rows,
-                        &right_base,
-                        &old_lens,
-                        1..=below_top,
-                        &mut right,
-                        &mut |l, i, old| log.push((l, i, old)),
-                    );
-                    log
-                });
-                let mut log = Vec::new();
-                climb(
-                    &mut left_rows,
-                    &left_base,
-                    &old_lens,
-                    1..=below_top,
-                    &mut left,
-                    &mut |l, i, old| log.push((l, i, old)),
-                );
-                (log, other.join().expect("a tree-hashing thread panicked"))
-            });
-            for (l, i, old) in left_log.into_iter().chain(right_log) {
-                on_change(l, i, old);
-            }
-            changed.clear();
-            changed.extend(left);
-            changed.extend(right);
-            let mut rows: Vec<&mut [Digest]> =
-                self.levels.iter_mut().map(|r| r.as_mut_slice()).collect();
-            let base = vec![0u64; rows.len()];
-            climb(
-                &mut rows,
-                &base,
-                &old_lens,
-                new_depth..=new_depth,
-                &mut changed,
-                &mut on_change,
-            );
-        } else {
-            let mut rows: Vec<&mut [Digest]> =
-                self.levels.iter_mut().map(|r| r.as_mut_slice()).collect();
-            let base = vec![0u64; rows.len()];
-            climb(
-                &mut rows,
-                &base,
-                &old_lens,
-                1..=new_depth,
-                &mut changed,
-                &mut on_change,
-            );
+            self.climb_halves(new_depth, &old_lens, &mut changed, &mut on_change);
+            first = new_depth;
         }
+        let mut rows: Vec<&mut [Digest]> =
+            self.levels.iter_mut().map(|r| r.as_mut_slice()).collect();
+        let base = vec![0u64; rows.len()];
+        climb(
+            &mut rows,
+            &base,
+            &old_lens,
+            first..=new_depth,
+            &mut changed,
+            &mut on_change,
+        );
         Ok(())
+    }
+
+    /// [`climb`] of levels `1..depth` (all but the top) over the tree's two
+    /// halves, one per thread: their nodes are disjoint. `changed` goes in
+    /// as changed leaves and comes out as the changed nodes of level
+    /// `depth - 1`. The changes are recorded and replayed to `on_change`
+    /// here (the callback need not be `Send`).
+    fn climb_halves(
+        &mut self,
+        depth: u32,
+        old_lens: &[u64],
+        changed: &mut Vec<u64>,
+        on_change: &mut impl FnMut(u32, u64, Option<Digest>),
+    ) {
+        let below_top = depth - 1;
+        let mut left_rows = Vec::with_capacity(depth as usize);
+        let mut right_rows = Vec::with_capacity(depth as usize);
+        let mut right_base = Vec::with_capacity(depth as usize);
+        for (l, row) in self.levels[..depth as usize].iter_mut().enumerate() {
+            // Level l of the left half: the first 2^(below_top - l) nodes.
+            let half = 1usize << (below_top as usize - l);
+            let len = row.len();
+            let (a, b) = row.split_at_mut(half.min(len));
+            left_rows.push(a);
+            right_rows.push(b);
+            right_base.push(half as u64);
+        }
+        let left_base = vec![0u64; depth as usize];
+        let mut right = changed.split_off(changed.partition_point(|&i| i < right_base[0]));
+        let (left_log, right_log) = std::thread::scope(|scope| {
+            let other = scope.spawn(|| {
+                let mut log = Vec::new();
+                let record = &mut |l, i, old| log.push((l, i, old));
+                climb(
+                    &mut right_rows,
+                    &right_base,
+                    old_lens,
+                    1..=below_top,
+                    &mut right,
+                    record,
+                );
+                log
+            });
+            let mut log = Vec::new();
+            let record = &mut |l, i, old| log.push((l, i, old));
+            climb(
+                &mut left_rows,
+                &left_base,
+                old_lens,
+                1..=below_top,
+                changed,
+                record,
+            );
+            (log, other.join().expect("a tree-hashing thread panicked"))
+        });
+        for (l, i, old) in left_log.into_iter().chain(right_log) {
+            on_change(l, i, old);
+        }
+        changed.extend(right);
     }
 }
 
