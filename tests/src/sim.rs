@@ -52,7 +52,10 @@ pub struct SimConfig {
 pub struct ExecScenario {
     pub fault: ExecFault,
     pub faulty: Vec<ExecIndex>,
-    /// When the fault starts.
+    /// When the fault starts at the latest. It starts earlier, once half of
+    /// the clients' operations have completed, if that comes first: a fault
+    /// injected after the load ended is never exercised (no order reaches
+    /// the faulty replica), so no run could detect it.
     pub at_ms: u64,
 }
 
@@ -154,6 +157,8 @@ pub struct Sim {
     host: SimHost,
     exec_pubs: Vec<ed25519_dalek::VerifyingKey>,
     replica_pubs: Vec<ed25519_dalek::VerifyingKey>,
+    /// The execution fault has started (see [`ExecScenario::at_ms`]).
+    exec_fault_started: bool,
 }
 
 /// Agreement replica options for a run.
@@ -310,6 +315,7 @@ impl Sim {
             exec_pubs,
             replica_pubs: pubs,
             cfg,
+            exec_fault_started: false,
         }
     }
 
@@ -398,6 +404,9 @@ impl Sim {
             }
             self.maybe_partition();
             self.handle(ev)?;
+            if !self.exec_fault_started && self.half_the_load_done() {
+                self.start_exec_fault();
+            }
             let done = self
                 .clients
                 .iter()
@@ -463,6 +472,33 @@ impl Sim {
     /// With faulty execution replicas: every correct agreement replica is
     /// back to f+1 active replicas, none of them faulty, and the host agent
     /// reimaged each faulty replica.
+    /// Makes the scenario's faulty execution replicas faulty (once).
+    fn start_exec_fault(&mut self) {
+        if self.exec_fault_started {
+            return;
+        }
+        self.exec_fault_started = true;
+        if let Some(sc) = self.cfg.exec.clone() {
+            for i in sc.faulty {
+                self.executors[i as usize].fault = sc.fault;
+            }
+        }
+    }
+
+    /// Half of all client operations have completed (an execution
+    /// scenario's fault must start while orders still flow).
+    fn half_the_load_done(&self) -> bool {
+        if self.cfg.exec.is_none() {
+            return false;
+        }
+        let done: usize = self
+            .clients
+            .iter()
+            .map(|c| c.done.min(self.cfg.ops_per_client))
+            .sum();
+        2 * done >= self.clients.len() * self.cfg.ops_per_client
+    }
+
     fn exec_settled(&self) -> bool {
         let Some(sc) = &self.cfg.exec else {
             return true;
@@ -616,11 +652,7 @@ impl Sim {
                 Ok(())
             }
             Event::ExecFault => {
-                if let Some(sc) = self.cfg.exec.clone() {
-                    for i in sc.faulty {
-                        self.executors[i as usize].fault = sc.fault;
-                    }
-                }
+                self.start_exec_fault();
                 Ok(())
             }
             Event::ClientTimer { client, req_id } => {
