@@ -544,6 +544,7 @@ fn climb(
     // cache miss is measurably slower on a 1 GiB state.
     let mut parents: Vec<u64> = Vec::with_capacity(changed.len());
     let mut children: Vec<(Digest, Digest)> = Vec::with_capacity(changed.len());
+    let mut olds: Vec<Digest> = Vec::with_capacity(changed.len());
     for l in levels {
         let below = l as usize - 1;
         parents.clear();
@@ -559,15 +560,19 @@ fn climb(
             };
             children.extend(parents.iter().map(|&p| (child(2 * p), child(2 * p + 1))));
         }
-        let old_len = old_lens[l as usize];
+        let (old_len, b) = (old_lens[l as usize], base[l as usize]);
         let row = &mut rows[l as usize];
+        // The parents' old values too: loaded here, their misses overlap;
+        // loaded after each hash, every one would stall on its own (a hash
+        // is too long for the CPU to run ahead to the next load).
+        olds.clear();
+        olds.extend(parents.iter().map(|&p| row[(p - b) as usize]));
         changed.clear();
-        for (&p, (a, b)) in parents.iter().zip(&children) {
-            let h = node_hash(a, b);
-            let slot = &mut row[(p - base[l as usize]) as usize];
-            let old = (p < old_len).then_some(*slot);
+        for ((&p, (left, right)), &value) in parents.iter().zip(&children).zip(&olds) {
+            let h = node_hash(left, right);
+            let old = (p < old_len).then_some(value);
             if old != Some(h) {
-                *slot = h;
+                row[(p - b) as usize] = h;
                 on_change(l, p, old);
                 changed.push(p);
             }
