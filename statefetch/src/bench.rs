@@ -15,7 +15,7 @@
 //!   same kind of connection, bytes not checked. Best of two runs each;
 //! - `first_read`: a [`RecoveryView`] is opened on the (stale) local store
 //!   with the peer as source, and the time until the first read of a
-//!   missing page returns is measured (median of 9, fresh client each).
+//!   missing page returns is measured (median of 25, fresh client each).
 
 use crate::net::{ClientConfig, Endpoint, FetchClient, FetchServer, ServerConfig};
 use crate::proto::{self, FetchError, Request, Response};
@@ -42,7 +42,7 @@ const FETCH_BATCH: usize = 256;
 const FETCH_CONCURRENCY: usize = 4;
 const WARMUP_ROUNDS: u64 = 2;
 const TIMED_ROUNDS: u64 = 9;
-const FIRST_READ_TRIALS: usize = 9;
+const FIRST_READ_TRIALS: usize = 25;
 
 /// Errors of the benchmark.
 #[derive(Debug, thiserror::Error)]
