@@ -1628,3 +1628,39 @@ impl Drop for RecoveryView {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_flags_start_clear_and_keep_each_page_apart() {
+        let n = 3 * FLAG_BLOCK + 5;
+        let mut flags = PageFlags::new(n);
+        assert_eq!(
+            flags.blocks.len(),
+            4,
+            "one block per 4,096 pages, rounded up"
+        );
+        assert!(
+            flags.blocks.iter().all(Option::is_none),
+            "nothing allocated at open"
+        );
+        for i in [0, FLAG_BLOCK - 1, FLAG_BLOCK, 2 * FLAG_BLOCK + 7, n - 1] {
+            assert_eq!(flags.get(i), UNKNOWN);
+        }
+        // Set pages on both sides of a block boundary and the last page.
+        *flags.get_mut(FLAG_BLOCK - 1) = PRESENT | IN_FLIGHT;
+        *flags.get_mut(FLAG_BLOCK) = MISSING;
+        *flags.get_mut(n - 1) = BG_FLIGHT;
+        assert_eq!(flags.get(FLAG_BLOCK - 1), PRESENT | IN_FLIGHT);
+        assert_eq!(flags.get(FLAG_BLOCK), MISSING);
+        assert_eq!(flags.get(n - 1), BG_FLIGHT);
+        assert_eq!(flags.get(FLAG_BLOCK - 2), UNKNOWN);
+        assert_eq!(flags.get(FLAG_BLOCK + 1), UNKNOWN);
+        assert!(
+            flags.blocks[2].is_none(),
+            "an untouched block stays unallocated"
+        );
+    }
+}
