@@ -64,10 +64,7 @@ fn keys() -> &'static Keys {
 
 fn hash_pair(key: &[u8; 32], left: &Digest, right: &Digest) -> Digest {
     // Exactly one 64-byte blake3 block: cheaper than a prefixed encoding.
-    let mut buf = [0u8; 64];
-    buf[..32].copy_from_slice(&left.0);
-    buf[32..].copy_from_slice(&right.0);
-    Digest(*blake3::keyed_hash(key, &buf).as_bytes())
+    Digest(*blake3::keyed_hash(key, &node_block(left, right)).as_bytes())
 }
 
 /// Leaf hash of page `index` with contents `page`.
@@ -583,7 +580,7 @@ const PARALLEL_MIN_PAGES: u64 = 1 << 16;
 
 /// Cores available (read once: on Linux each query reads cgroup files).
 fn parallelism() -> usize {
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    static CORES: OnceLock<usize> = OnceLock::new();
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 

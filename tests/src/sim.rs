@@ -469,9 +469,6 @@ impl Sim {
         Ok(self.outcome)
     }
 
-    /// With faulty execution replicas: every correct agreement replica is
-    /// back to f+1 active replicas, none of them faulty, and the host agent
-    /// reimaged each faulty replica.
     /// Makes the scenario's faulty execution replicas faulty (once).
     fn start_exec_fault(&mut self) {
         if self.exec_fault_started {
@@ -499,6 +496,9 @@ impl Sim {
         2 * done >= self.clients.len() * self.cfg.ops_per_client
     }
 
+    /// With faulty execution replicas: every correct agreement replica is
+    /// back to f+1 active replicas, none of them faulty, and the host agent
+    /// reimaged each faulty replica.
     fn exec_settled(&self) -> bool {
         let Some(sc) = &self.cfg.exec else {
             return true;
